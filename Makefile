@@ -1,0 +1,43 @@
+# make run   - set up .venv and Fashion-MNIST, then pretrain recipes/quickstart.yaml
+# make test  - set up .venv and Fashion-MNIST, then run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install; override for another platform, e.g. make TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: run test data venv bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST: Debian's package, installed when we are root and it is missing.
+data:
+	@if [ -n "$$SSLKIT_DATA" ] || [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+		exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'," \
+		     "or put the four idx .gz files in a folder and set SSLKIT_DATA to it." >&2; \
+		exit 1; \
+	fi
+
+run: venv data
+	$(VENV)/bin/sslkit train recipes/quickstart.yaml overwrite=true
+
+test: venv data
+	$(PY) -m pytest
+
+bench: venv data
+	$(PY) benchmarks/compare_lightly.py --small
+
+clean:
+	rm -rf runs .pytest_cache

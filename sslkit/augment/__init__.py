@@ -1,0 +1,38 @@
+"""GPU batch augmentation: per-sample random parameters, whole-batch kernels."""
+
+from sslkit.augment.ops import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    gaussian_kernel1d,
+    normalize,
+    random_grayscale,
+    resized_crop_flip,
+    rgb_to_grayscale,
+    sample_crop_boxes,
+    solarize,
+)
+from sslkit.augment.presets import PRESETS, create_augment
+from sslkit.augment.views import MultiView, ViewPipeline, eval_transform
+
+__all__ = [
+    "MultiView",
+    "PRESETS",
+    "ViewPipeline",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "create_augment",
+    "eval_transform",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "normalize",
+    "random_grayscale",
+    "resized_crop_flip",
+    "rgb_to_grayscale",
+    "sample_crop_boxes",
+    "solarize",
+]

@@ -1,0 +1,148 @@
+"""View pipelines: uint8 image batches in, augmented float views out, all on the images' device."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslkit.augment import ops
+from sslkit.config import AugmentConfig
+
+
+def _coin(batch: int, prob: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(B,) bool, each true with probability ``prob``."""
+    return torch.rand(batch, generator=generator, device=device) < prob
+
+
+def _uniform(
+    batch: int, low: float, high: float, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """(B,) floats uniform in [low, high]."""
+    return low + (high - low) * torch.rand(batch, generator=generator, device=device)
+
+
+def _jitter_factor(
+    apply: Tensor, strength: float, generator: torch.Generator | None, centre: float = 1.0
+) -> Tensor:
+    """(B,) factors uniform in [centre - s, centre + s] where ``apply`` (B,) is true, else the
+    identity ``centre``; multiplicative factors (centre 1) start at 0 at the least, as torchvision."""
+    low = -strength if centre == 0 else max(0.0, centre - strength)
+    factor = _uniform(apply.shape[0], low, centre + strength, generator, apply.device)
+    return torch.where(apply, factor, centre)
+
+
+def default_blur_kernel(size: int) -> int:
+    """An odd kernel side of about a tenth of the view: 3 at 32 px, 23 at 224 px (SimCLR's)."""
+    return 2 * (size // 20) + 1
+
+
+class ViewPipeline(nn.Module):
+    """One random view per image, for a whole batch at once.
+
+    uint8 (B, C, H, W), C = 1 or 3 -> float32 (B, 3, size, size): random resized crop and
+    horizontal flip (one resampling), colour jitter, random grayscale, Gaussian blur,
+    solarisation, normalisation. Each sample draws its own parameters.
+
+    Colour jitter applies brightness, contrast, saturation, hue in this fixed order (torchvision's
+    ColorJitter shuffles the order per call), each factor uniform in [1 - s, 1 + s] (hue in
+    [-h, h]), to a sample with probability ``jitter_prob``. Values are clamped to [0, 1] after each
+    colour op, as torchvision does.
+
+    ``overrides`` replace fields of ``cfg`` for this view only (e.g. ``blur_prob=1.0``);
+    ``solarize_prob`` (threshold 0.5, BYOL's) is not part of AugmentConfig because only some
+    methods use it. ``normalize=False`` returns the views in [0, 1].
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        normalize: bool = True,
+        solarize_prob: float = 0.0,
+        **overrides: object,
+    ) -> None:
+        super().__init__()
+        self.cfg = dataclasses.replace(cfg, **overrides)
+        self.normalize = normalize
+        self.solarize_prob = solarize_prob
+        self.blur_kernel = self.cfg.blur_kernel or default_blur_kernel(self.cfg.size)
+
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+    ) -> Tensor:
+        """images: uint8 (B, C, H, W); generator: on the images' device (None: torch's default).
+
+        ``shard = (rank, world_size)``: the parameters are drawn for the global batch of
+        world_size x B images and this process applies rows rank x B to (rank + 1) x B, so a
+        step's views do not depend on how its global batch is split over processes.
+        """
+        cfg = self.cfg
+        batch, channels, height, width = images.shape
+        device = images.device
+        rank, world_size = shard
+        n, rows = batch * world_size, slice(rank * batch, (rank + 1) * batch)  # draws, and ours
+
+        boxes = ops.sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, generator, device)[rows]
+        flip = _coin(n, cfg.hflip_prob, generator, device)[rows]
+        # crop a single grey channel before expanding it: 3x less resampling
+        x = ops.resized_crop_flip(images.float(), boxes, flip, cfg.size)  # (B, C, S, S) in [0, 255]
+        x = x.expand(-1, 3, -1, -1)  # (B, 3, S, S), a view for C = 1
+
+        if cfg.jitter_prob > 0:
+            x = self._color_jitter(x, generator, n, rows)  # (B, 3, S, S) in [0, 1]
+        else:
+            x = x / 255
+        if cfg.gray_prob > 0:
+            x = ops.random_grayscale(x, _coin(n, cfg.gray_prob, generator, device)[rows])
+        if cfg.blur_prob > 0:
+            blur = _coin(n, cfg.blur_prob, generator, device)[rows]
+            sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)[rows]
+            x = ops.gaussian_blur(x, sigma, self.blur_kernel, blur)
+        if self.solarize_prob > 0:
+            x = ops.solarize(x, 0.5, _coin(n, self.solarize_prob, generator, device)[rows])
+        if self.normalize:
+            x = ops.normalize(x, cfg.mean, cfg.std)
+        return x
+
+    def _color_jitter(self, x: Tensor, generator: torch.Generator | None, n: int, rows: slice) -> Tensor:
+        """x: (B, 3, S, S) in [0, 255] -> jittered, in [0, 1]; factors drawn for n samples, ``rows`` used."""
+        cfg = self.cfg
+        jitter = _coin(n, cfg.jitter_prob, generator, x.device)
+        brightness = _jitter_factor(jitter, cfg.brightness, generator)[rows]
+        # the 1/255 of the uint8 -> [0, 1] conversion rides on the brightness multiply
+        x = ops.adjust_brightness(x, brightness / 255)
+        if cfg.contrast > 0:
+            x = ops.adjust_contrast(x, _jitter_factor(jitter, cfg.contrast, generator)[rows])
+        if cfg.saturation > 0:
+            x = ops.adjust_saturation(x, _jitter_factor(jitter, cfg.saturation, generator)[rows])
+        if cfg.hue > 0:
+            x = ops.adjust_hue(x, _jitter_factor(jitter, cfg.hue, generator, centre=0.0)[rows])
+        return x
+
+
+class MultiView(nn.Module):
+    """Several views of each image: one per pipeline, e.g. SimCLR's two."""
+
+    def __init__(self, pipelines: Sequence[ViewPipeline]) -> None:
+        super().__init__()
+        self.pipelines = nn.ModuleList(pipelines)
+
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+    ) -> list[Tensor]:
+        """images: uint8 (B, C, H, W) -> one float32 (B, 3, size, size) per pipeline (``shard``: see ViewPipeline)."""
+        return [pipeline(images, generator, shard) for pipeline in self.pipelines]
+
+
+def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """The clean path for evaluation features: uint8 (B, C, H, W) -> normalised float32 (B, 3, size, size).
+
+    Resizes (bilinear, antialiased) only when the images are not already ``size`` x ``size``.
+    """
+    x = images.float() / 255  # (B, C, H, W)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return ops.normalize(x.expand(-1, 3, -1, -1), mean, std)

@@ -1,0 +1,224 @@
+"""Typed run configuration: a recipe YAML plus ``section.key=value`` overrides.
+
+Every key is a dataclass field, so a typo is an error that names the nearest valid key,
+and a value of the wrong type is an error that names the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from sslkit.registry import did_you_mean
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # a key of sslkit.data.DATASETS
+    root: Optional[str] = None  # where the dataset lives; None: the dataset's default places
+    download: bool = False  # allow torchvision's download (the only network access sslkit does)
+    image_size: Optional[int] = None  # resize stored images (ImageFolder); None: keep the native size
+    channels: int = 3  # grayscale becomes 3 channels for backbones that want RGB
+    train_limit: Optional[int] = None  # use only the first N training images (quick runs, tests)
+    test_limit: Optional[int] = None  # use only the first N test images
+    num_workers: int = 2  # decoding workers for datasets that do not fit on the device
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name, or an sslkit one (tiny_cnn)
+    small_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 28-32 px images
+    width: int = 32  # base width of sslkit's tiny_cnn (ignored by timm models)
+    norm: str = "batch"  # tiny_cnn's normalisation: batch | group | none
+    channels_last: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"  # a key of sslkit.methods.METHODS
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128
+    proj_layers: int = 2
+    proj_batch_norm: bool = True
+    temperature: float = 0.5
+    gather_distributed: bool = True  # negatives from every process, with their gradients
+
+
+@dataclass
+class AugmentConfig:
+    preset: str = "simclr"  # a key of sslkit.augment.PRESETS
+    size: int = 32  # output side of every view
+    scale: tuple[float, float] = (0.08, 1.0)  # random resized crop: area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio
+    hflip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 0  # odd kernel side; 0: about a tenth of the view size
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.06  # base learning rate, for a global batch of lr_batch_size
+    lr_batch_size: Optional[int] = 128  # lr scales linearly with batch/lr_batch_size; None: no scaling
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    clip_grad_norm: Optional[float] = None
+    lars_trust_coefficient: float = 0.001
+    exclude_bias_norm: bool = True  # no weight decay (and no LARS scaling) on biases and norms
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 512  # global: split across processes
+    max_steps: Optional[int] = None  # stop early after this many optimiser steps
+    grad_accum_steps: int = 1
+    precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    output_dir: str = "runs"
+    name: Optional[str] = None  # run directory is output_dir/name; None: recipe name
+    log_every_steps: int = 10  # host reads of loss/lr (no device sync in between)
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 2  # older epoch checkpoints are deleted
+    progress: bool = True
+    cpu: bool = False  # run on the CPU even where a GPU is present
+
+
+@dataclass
+class EvalConfig:
+    knn: bool = True
+    every_epochs: int = 1
+    at_start: bool = True  # score the untrained network too
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 512
+    bank_limit: Optional[int] = None  # use only the first N training images as the bank
+    test_limit: Optional[int] = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: bool = False  # continue from the run directory's last checkpoint
+    overwrite: bool = False  # start afresh in a run directory that already holds a run
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so that yaml.safe_dump writes plain YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_value(path: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` converted to ``hint``, or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(path, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_value(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            raise ConfigError(f"unknown config key '{path}'{did_you_mean(path, valid)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a section of keys, got {value!r}")
+            kwargs[key] = _build(hint, value, f"{path}.")
+        else:
+            kwargs[key] = _check_value(path, value, hint)
+    return cls(**kwargs)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set ``a.b=value`` in a nested dict; the value is parsed as YAML (``0.3``, ``true``, ``[1, 2]``)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value (e.g. optim.lr=0.3)")
+    key, raw = override.split("=", 1)
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is a value, not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe YAML (or start from the defaults) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{path}' does not exist; recipes live in recipes/*.yaml")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {type(tree).__name__}")
+    for override in overrides:
+        apply_override(tree, override)
+    cfg = config_from_dict(tree)
+    if cfg.train.name is None and path is not None:
+        cfg.train.name = Path(path).stem
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

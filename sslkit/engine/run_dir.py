@@ -1,0 +1,74 @@
+"""The run directory: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``backbone.safetensors``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sslkit.config import Config
+
+# Keys that must match between a checkpoint and the config that resumes or evaluates it.
+IDENTITY_KEYS = ("method.name", "model.backbone", "model.small_stem", "model.width", "model.norm")
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_same_model(ckpt_dir: Path, cfg: Config) -> None:
+    """Refuse a checkpoint of another method or backbone with a message, not a shape error."""
+    saved = yaml.safe_load((ckpt_dir / "config.yaml").read_text())
+    mine = cfg.to_dict()
+    diffs = [f"{k}: checkpoint {_get(saved, k)!r}, config {_get(mine, k)!r}"
+             for k in IDENTITY_KEYS if _get(saved, k) != _get(mine, k)]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {ckpt_dir} is from another model ({'; '.join(diffs)}). Resume it with its "
+            "own recipe, or start a new run (another train.name)."
+        )
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Refuse to mix two runs in one directory unless asked to resume or overwrite."""
+    holds_run = (run_dir / "config.yaml").exists()
+    if cfg.resume:
+        if not (run_dir / "checkpoints" / "last").exists():
+            raise FileNotFoundError(
+                f"resume=true but {run_dir}/checkpoints/last does not exist: nothing to resume. "
+                "Drop resume=true to start a new run."
+            )
+    elif holds_run and cfg.overwrite:
+        shutil.rmtree(run_dir)
+    elif holds_run:
+        raise FileExistsError(
+            f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to "
+            "replace it, or train.name=<new name> for a new run."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.start = time.time()
+
+    def write(self, **event: Any) -> None:
+        if self.enabled:
+            event["time"] = round(time.time() - self.start, 3)
+            with self.path.open("a") as f:
+                f.write(json.dumps(event) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

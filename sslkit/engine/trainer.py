@@ -1,0 +1,203 @@
+"""The training loop, top to bottom.
+
+``train(cfg)``: set up Accelerate, data, views, method and optimiser; score the untrained
+network with k-NN; then per epoch: one pass of optimiser steps, k-NN when due, a checkpoint;
+finally export the backbone. What varies between methods lives in the method
+(``forward(views) -> loss``, ``after_optimizer_step``) and its augment preset.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from sslkit.augment import create_augment, eval_transform
+from sslkit.config import Config, TrainConfig, save_config
+from sslkit.data import Batches, ImageData, load_dataset, make_batches
+from sslkit.engine.checkpoint import export_backbone, last_checkpoint, save_checkpoint
+from sslkit.engine.optim import create_optimizer, create_scheduler
+from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
+from sslkit.eval import KNNMonitor
+from sslkit.methods import create_method
+
+
+class TrainState:
+    """Counters and the augmentation RNG, saved with every checkpoint."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimiser steps completed
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "augment_rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.generator.set_state(state["augment_rng"])
+
+
+def create_accelerator(cfg: TrainConfig) -> Accelerator:
+    # Without CUDA, Accelerate only joins several launched processes (gloo) when told cpu=True.
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.precision)
+
+
+def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
+    """``train.batch_size`` is global: it is split over processes and accumulation steps."""
+    parts = world_size * cfg.grad_accum_steps
+    if cfg.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} is not divisible by processes x grad_accum_steps "
+            f"= {world_size} x {cfg.grad_accum_steps}; pick a multiple of {parts}."
+        )
+    return cfg.batch_size // parts
+
+
+def knn_monitor(cfg: Config, accelerator: Accelerator, bank: Any = None) -> KNNMonitor:
+    """k-NN on clean views: the train split (``bank``, if already loaded) against the test split."""
+    bank = load_dataset(cfg.data, "train") if bank is None else bank
+    test = load_dataset(cfg.data, "test")
+    bank = bank if cfg.eval.bank_limit is None else bank.head(cfg.eval.bank_limit)
+    test = test if cfg.eval.test_limit is None else test.head(cfg.eval.test_limit)
+
+    def batches(data: Any) -> Batches:  # every sample once over all processes
+        return make_batches(
+            data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            device=accelerator.device, num_workers=cfg.data.num_workers,
+        )
+
+    a = cfg.augment
+    return KNNMonitor(
+        batches(bank), batches(test), lambda x: eval_transform(x, a.size, a.mean, a.std),
+        bank.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
+    )
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run a recipe; returns the last logged metrics (loss, knn_top1, ...)."""
+    accelerator = create_accelerator(cfg.train)
+    run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+    ckpt_root = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, cfg)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed)  # the same initial weights in every process
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+
+    # Data: uint8 batches on the device; every process draws its slice of the same global batch.
+    data = load_dataset(cfg.data, "train")
+    if isinstance(data, ImageData):
+        data = data.to(device)  # one device copy serves training and the k-NN bank
+    batches = make_batches(
+        data, per_process_batch(cfg.train, world), shuffle=True, drop_last=True,
+        seed=cfg.train.seed, rank=rank, world_size=world, device=device, num_workers=cfg.data.num_workers,
+    )
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(batches) // accum
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    # Method, views, optimiser. The augmentation RNG is seeded alike in every process.
+    method = create_method(cfg).to(device)
+    augment = create_augment(cfg.augment).to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    optimizer = create_optimizer(method, cfg.optim, cfg.train.batch_size)
+    scheduler = create_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps)
+    model, optimizer = accelerator.prepare(method, optimizer)
+    state = TrainState(generator)
+    accelerator.register_for_checkpointing(scheduler, state)
+    if cfg.resume:
+        ckpt = last_checkpoint(ckpt_root)
+        check_same_model(ckpt, cfg)
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, step {state.step})")
+
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    knn = knn_monitor(cfg, accelerator, data) if cfg.eval.knn else None
+    last: dict[str, Any] = {}
+
+    def evaluate(label: str) -> None:
+        scores = knn(method.feature_model(), accelerator)
+        last.update(scores)
+        log.write(step=state.step, epoch=state.epoch, **scores)
+        accelerator.print(f"k-NN {label}: top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
+
+    if knn is not None and cfg.eval.at_start and state.step == 0:
+        evaluate("untrained network")
+    log.write(step=state.step, epoch=state.epoch, event="start", world_size=world,
+              total_steps=total_steps, batch_size=cfg.train.batch_size)
+
+    bar = tqdm(total=total_steps * cfg.train.batch_size, initial=state.step * cfg.train.batch_size,
+               unit="img", unit_scale=True, dynamic_ncols=True,
+               disable=not (cfg.train.progress and accelerator.is_main_process))
+    channels_last = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    window_start, window_step = time.perf_counter(), state.step
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if state.step >= total_steps:
+            break
+        bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
+        batches.set_epoch(epoch)
+        model.train()
+        micro_batches = iter(batches)
+        epoch_start, epoch_first_step = time.perf_counter(), state.step
+        for _ in range(steps_per_epoch):
+            if state.step >= total_steps:
+                break
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                images, _ = next(micro_batches)  # (b, C, H, W) uint8
+                views = [v.contiguous(memory_format=channels_last) for v in augment(images, generator, (rank, world))]
+                # Gradients are averaged across processes only on the last micro-batch.
+                with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
+                    loss = model(views) / accum
+                    accelerator.backward(loss)
+                loss_sum += loss.detach()
+            if cfg.optim.clip_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step(state.step, total_steps)
+            state.step += 1
+            bar.update(cfg.train.batch_size)
+
+            if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
+                # The only host-device sync of the loop, once every log_every_steps.
+                loss_value = accelerator.reduce(loss_sum, "mean").item()
+                now = time.perf_counter()
+                img_per_s = (state.step - window_step) * cfg.train.batch_size / (now - window_start)
+                window_start, window_step = now, state.step
+                lr = scheduler.get_last_lr()[0]
+                last.update(loss=loss_value, lr=lr, img_per_s=img_per_s)
+                log.write(step=state.step, epoch=epoch, loss=loss_value, lr=lr, img_per_s=round(img_per_s, 1))
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - epoch_start
+        log.write(step=state.step, epoch=epoch, event="epoch_end", train_seconds=round(epoch_seconds, 3),
+                  epoch_img_per_s=round((state.step - epoch_first_step) * cfg.train.batch_size / epoch_seconds, 1))
+        state.epoch = epoch + 1
+        if knn is not None and (state.epoch % cfg.eval.every_epochs == 0 or state.step >= total_steps):
+            evaluate(f"after epoch {state.epoch}")
+        if state.epoch % cfg.train.checkpoint_every_epochs == 0 or state.step >= total_steps:
+            save_checkpoint(accelerator, cfg, ckpt_root, f"epoch_{state.epoch:04d}", cfg.train.keep_checkpoints)
+        window_start = time.perf_counter()  # evaluation and saving are not training time
+    bar.close()
+
+    if accelerator.is_main_process:
+        export_backbone(accelerator.unwrap_model(model), cfg, run_dir / "backbone.safetensors")
+        log.write(step=state.step, epoch=state.epoch, event="end")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return last

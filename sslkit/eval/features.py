@@ -1,0 +1,75 @@
+"""Backbone features of clean (unaugmented) images, gathered across processes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import accelerate
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    transform: Callable[[Tensor], Tensor],
+    accelerator: "accelerate.Accelerator | None" = None,
+    gather: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Embed every image of ``batches`` with ``backbone`` in eval mode.
+
+    Args:
+        backbone: maps (b, 3, H, W) float images to (b, D) features (extra trailing
+            dimensions, e.g. (b, D, 1, 1), are flattened).
+        batches: yields ``(images uint8 (b, C, H, W), labels int64 (b,))`` on the device;
+            under several processes each rank yields its own disjoint shard.
+        transform: uint8 images -> normalised float images, without augmentation.
+        accelerator: gives autocast and the processes to gather from; None: one process,
+            full precision.
+        gather: True: every rank gets the features of every shard; False: its own only.
+
+    Returns:
+        features (N, D) float32 on the CPU and labels (N,) int64 on the CPU, in matching
+        order; with ``gather`` every sample of every shard appears exactly once.
+    """
+    if accelerator is not None:
+        # A DDP wrapper may run collectives in forward; ranks whose shards differ by one
+        # batch would then hang, so embed with the bare module.
+        backbone = accelerator.unwrap_model(backbone)
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    was_training = backbone.training
+    backbone.eval()
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    try:
+        for images, targets in batches:
+            x = transform(images)
+            with autocast():
+                f = backbone(x)
+            feats.append(f.flatten(1).float())  # (b, D)
+            labels.append(targets.long())
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise ValueError("extract_features got no batches")
+    features = torch.cat(feats)  # (n, D) on the device
+    targets = torch.cat(labels)  # (n,)
+    if gather and accelerator is not None and accelerator.num_processes > 1:
+        features, targets = _gather_uneven(accelerator, features, targets)
+    return features.cpu(), targets.cpu()
+
+
+def _gather_uneven(
+    accelerator: "accelerate.Accelerator", features: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """All-gather per-rank tensors whose lengths differ, without duplicates or padding."""
+    sizes = accelerator.gather(torch.tensor([features.shape[0]], device=features.device))  # (P,)
+    padded_f = accelerator.gather(accelerator.pad_across_processes(features, dim=0))  # (P * m, D)
+    padded_l = accelerator.gather(accelerator.pad_across_processes(labels, dim=0))  # (P * m,)
+    m = padded_f.shape[0] // sizes.numel()
+    keep = torch.cat([torch.arange(r * m, r * m + int(n), device=padded_f.device) for r, n in enumerate(sizes)])
+    return padded_f[keep], padded_l[keep]

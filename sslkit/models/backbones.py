@@ -1,0 +1,87 @@
+"""Backbones by name: sslkit's own small ones, then any timm model.
+
+Every backbone maps images (B, 3, H, W) to features (B, num_features) and has the attribute
+``num_features``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from sslkit.config import ModelConfig
+from sslkit.registry import Registry
+
+BACKBONES: Registry[Callable[[ModelConfig], nn.Module]] = Registry("backbone")
+
+_NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    "group": lambda c: nn.GroupNorm(8, c),
+    "none": lambda c: nn.Identity(),
+}
+
+
+class TinyCNN(nn.Module):
+    """Four 3x3 conv blocks (stride 1, 2, 2, 2) and global average pooling.
+
+    Sized for 28-32 px images on a CPU: about 13 M multiply-adds per 28 px image at width 32.
+    """
+
+    def __init__(self, width: int = 32, norm: str = "batch", in_chans: int = 3) -> None:
+        super().__init__()
+        if norm not in _NORMS:
+            raise ValueError(f"model.norm must be one of {sorted(_NORMS)}, got '{norm}'")
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip([in_chans, *widths[:-1]], widths)):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=norm == "none"),
+                _NORMS[norm](c_out),
+                nn.ReLU(inplace=True),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.num_features = widths[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 8 * width)
+        return self.features(x).mean(dim=(2, 3))
+
+
+@BACKBONES.register("tiny_cnn")
+def _tiny_cnn(cfg: ModelConfig) -> nn.Module:
+    return TinyCNN(cfg.width, cfg.norm)
+
+
+def _use_small_stem(model: nn.Module, name: str) -> None:
+    """3x3 stride-1 first conv and no max-pool, so 28-32 px images keep their resolution."""
+    if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
+        raise ValueError(
+            f"model.small_stem=true needs a ResNet-style backbone (conv1 + maxpool); '{name}' has "
+            "neither. Use a resnet*, or set model.small_stem=false."
+        )
+    old = model.conv1
+    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A backbone without classifier: an sslkit one by name, else ``timm.create_model``.
+
+    Weights are never downloaded: ``pretrained=False`` always.
+    """
+    if cfg.backbone in BACKBONES:
+        model = BACKBONES.get(cfg.backbone)(cfg)
+    elif timm.is_model(cfg.backbone):
+        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+    else:
+        raise KeyError(
+            f"unknown model.backbone '{cfg.backbone}': not an sslkit backbone "
+            f"({', '.join(BACKBONES.names())}) nor a timm model (see timm.list_models())"
+        )
+    if cfg.small_stem:
+        _use_small_stem(model, cfg.backbone)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,103 @@
+"""End to end through the command line: train, checkpoints, export, eval, resume, bad input."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sslkit.config import ModelConfig
+from sslkit.engine import read_metrics
+from sslkit.engine.checkpoint import load_feature_model
+from sslkit.models import create_backbone
+from tests.conftest import run_sslkit
+
+pytestmark = pytest.mark.slow
+
+
+FMNIST = ["data.name=fashion_mnist", "data.train_limit=2048", "data.test_limit=512"]
+
+
+def test_train_eval_export_resume(tiny_recipe, tmp_path):
+    """Real data (a Fashion-MNIST subset), so that k-NN scores are not trivially perfect."""
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir() and "SSLKIT_DATA" not in os.environ:
+        pytest.skip("Fashion-MNIST is not installed (make test installs it)")
+    out = tmp_path / "runs"
+    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t", *FMNIST)
+    assert done.returncode == 0, done.stderr
+    run = out / "t"
+    assert "k-NN untrained network" in done.stdout and "k-NN after epoch 2" in done.stdout
+
+    metrics = read_metrics(run)
+    knn = [m for m in metrics if "knn_top1" in m]
+    losses = [m for m in metrics if "loss" in m]
+    assert [m["epoch"] for m in knn] == [0, 1, 2]  # untrained, then after each epoch
+    assert all(0.3 < m["knn_top1"] < m["knn_top5"] <= 1.0 for m in knn)
+    assert knn[0]["knn_top1"] < 0.99  # real data: the scores below compare something
+    assert losses and all(torch.isfinite(torch.tensor(m["loss"])) for m in losses)
+    assert all({"step", "epoch", "lr", "img_per_s"} <= m.keys() for m in losses)
+    start = next(m for m in metrics if m.get("event") == "start")
+    assert start["world_size"] == 1
+
+    # checkpoints/last -> the newest epoch, in safetensors, with the config beside it
+    last = run / "checkpoints" / "last"
+    assert last.resolve().name == "epoch_0002"
+    assert (last / "model.safetensors").is_file() and (last / "config.yaml").is_file()
+
+    # the exported backbone loads without the checkpoint and computes the same features
+    backbone = create_backbone(ModelConfig(backbone="tiny_cnn", width=8))
+    backbone.load_state_dict(load_file(run / "backbone.safetensors"))
+    _, from_ckpt = load_feature_model(last)
+    x = torch.randn(4, 3, 16, 16)
+    backbone.eval(), from_ckpt.eval()
+    assert torch.allclose(backbone(x), from_ckpt(x))
+
+    # eval knn on the checkpoint reproduces the k-NN the run logged after its last epoch
+    done = run_sslkit("eval", "knn", "--checkpoint", str(last), "--data", "fashion_mnist",
+                      "--bank-limit", "2048", "--test-limit", "512")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((last / "knn_fashion_mnist.json").read_text())
+    assert result["knn_top1"] == pytest.approx(knn[-1]["knn_top1"])
+    assert "top-1" in done.stdout
+
+    # the same run again is refused; resume continues it to epoch 3
+    again = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t", *FMNIST)
+    assert again.returncode == 2 and "resume=true" in again.stderr
+    steps_before = max(m["step"] for m in metrics)
+    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
+                      "train.epochs=3", "resume=true", *FMNIST)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    new = read_metrics(run)[len(metrics):]
+    assert [m["epoch"] for m in new if "knn_top1" in m] == [3]  # no second untrained score
+    assert min(m["step"] for m in new if "loss" in m) > steps_before
+    assert last.resolve().name == "epoch_0003"
+
+    # a checkpoint of another model is refused by name, not with a shape error
+    other = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
+                       "train.epochs=4", "resume=true", "model.width=16", *FMNIST)
+    assert other.returncode == 2 and "model.width" in other.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["optim.lrr=0.1"], ["unknown config key 'optim.lrr'", "did you mean 'optim.lr'"]),
+        (["data.name=cifar10", "data.root=/nonexistent/cifar"], ["/nonexistent/cifar", "cifar-10"]),
+        (["method.name=simclrr"], ["did you mean 'simclr'"]),
+    ],
+)
+def test_bad_input_is_one_clear_error(tiny_recipe, tmp_path, args, words):
+    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", *args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    for word in words:
+        assert word in done.stderr
+
+
+def test_eval_missing_checkpoint(tmp_path):
+    done = run_sslkit("eval", "knn", "--checkpoint", str(tmp_path / "nope"), "--data", "synthetic")
+    assert done.returncode == 2 and "nope" in done.stderr and "backbone.safetensors" in done.stderr

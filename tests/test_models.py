@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from sslkit.config import Config, ModelConfig
+from sslkit.methods import METHODS, create_method
+from sslkit.models import TinyCNN, create_backbone
+
+
+def test_small_stem_keeps_resolution():
+    plain = create_backbone(ModelConfig(backbone="resnet18"))
+    small = create_backbone(ModelConfig(backbone="resnet18", small_stem=True))
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    # The stem's downsampling by 4 is gone: the last feature map is 4x4 instead of 1x1.
+    assert small.forward_features(x).shape[-1] == 4 * plain.forward_features(x).shape[-1]
+    assert small(x).shape == (2, 512)
+
+
+def test_small_stem_on_non_resnet_is_a_clear_error():
+    with pytest.raises(ValueError, match="ResNet-style"):
+        create_backbone(ModelConfig(backbone="tiny_cnn", small_stem=True))
+
+
+def test_unknown_backbone():
+    with pytest.raises(KeyError, match="resnet1"):
+        create_backbone(ModelConfig(backbone="resnet1"))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_tiny_cnn(norm):
+    model = TinyCNN(width=8, norm=norm)
+    assert model(torch.randn(3, 3, 28, 28)).shape == (3, model.num_features) == (3, 64)
+
+
+def test_method_registry_and_simclr_step():
+    assert "simclr" in METHODS
+    cfg = Config()
+    cfg.model.backbone, cfg.model.width = "tiny_cnn", 8
+    cfg.method.proj_hidden_dim, cfg.method.proj_output_dim = 32, 16
+    method = create_method(cfg)
+    loss = method([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
+    loss.backward()
+    assert loss.ndim == 0 and loss.item() > 0
+    assert method.backbone.features[0].weight.grad is not None
+    cfg.method.name = "simclrr"
+    with pytest.raises(KeyError, match="did you mean 'simclr'"):
+        create_method(cfg)
