@@ -198,6 +198,7 @@ def train(cfg: Config) -> dict[str, float]:
     if accelerator.is_main_process:
         export_backbone(accelerator.unwrap_model(model), cfg, run_dir / "backbone.safetensors")
         log.write(step=state.step, epoch=state.epoch, event="end")
+    accelerator.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/last, backbone.safetensors)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return last
