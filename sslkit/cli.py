@@ -1,9 +1,11 @@
-"""``sslkit train | eval``: the command line.
+"""``sslkit train | eval knn|linear|fewshot | plot``: the command line.
 
     sslkit train recipes/quickstart.yaml optim.lr=0.3 train.epochs=10
     sslkit train recipes/quickstart.yaml --num-processes 2      # launches through Accelerate
     accelerate launch -m sslkit train recipes/simclr_resnet18_cifar10.yaml
     sslkit eval knn --checkpoint runs/quickstart/checkpoints/last --data fashion_mnist
+    sslkit eval linear --checkpoint runs/quickstart/backbone.safetensors --data fashion_mnist
+    sslkit plot runs/quickstart
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from torch import nn
+
+from sslkit.config import Config, load_config
+from sslkit.engine import train
+from sslkit.engine.checkpoint import load_feature_model
+from sslkit.engine.trainer import create_accelerator, knn_monitor
+from sslkit.eval.clean import clean_features
+from sslkit.eval.fewshot import fewshot_eval
+from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
 
 
 def _free_port() -> int:
@@ -46,38 +58,68 @@ def _train(args: argparse.Namespace) -> int:
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         cmd, env = launch_command(args.num_processes, ["train", args.recipe, *args.overrides])
         return subprocess.call(cmd, env=env)
-    from sslkit.config import load_config
-    from sslkit.engine import train
-
     train(load_config(args.recipe, args.overrides))
     return 0
 
 
-def _eval_knn(args: argparse.Namespace) -> int:
-    from sslkit.engine.checkpoint import load_feature_model
-    from sslkit.engine.trainer import create_accelerator, knn_monitor
-
+def _evaluation(args: argparse.Namespace) -> tuple[Config, nn.Module, Accelerator]:
+    """The checkpoint's config and feature network, pointed at ``--data``."""
     cfg, model = load_feature_model(args.checkpoint)
     cfg.data.name = args.data
     cfg.data.root = args.data_root
     cfg.data.train_limit = cfg.data.test_limit = None  # the training run's limits do not apply
     cfg.eval.bank_limit, cfg.eval.test_limit = args.bank_limit, args.test_limit
+    accelerator = create_accelerator(cfg.train)
+    return cfg, model.to(accelerator.device), accelerator
+
+
+def _report(args: argparse.Namespace, accelerator: Accelerator, protocol: str, result: dict, line: str) -> None:
+    out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), f"{protocol}_{args.data}")
+    if accelerator.is_main_process:
+        out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **result}, indent=2) + "\n")
+        print(f"{protocol} on {args.data}: {line}  -> {out}")
+
+
+def _eval_knn(args: argparse.Namespace) -> int:
+    cfg, model, accelerator = _evaluation(args)
     cfg.eval.knn_k = args.k if args.k is not None else cfg.eval.knn_k
     cfg.eval.knn_temperature = args.temperature if args.temperature is not None else cfg.eval.knn_temperature
-    accelerator = create_accelerator(cfg.train)
-    scores = knn_monitor(cfg, accelerator)(model.to(accelerator.device), accelerator)
-    result = {"checkpoint": str(args.checkpoint), "data": args.data, "k": cfg.eval.knn_k,
-              "temperature": cfg.eval.knn_temperature, **scores}
-    out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), args.data)
-    if accelerator.is_main_process:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"k-NN on {args.data}: top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}  -> {out}")
+    cfg.eval.knn_ks = tuple(args.ks)
+    scores = knn_monitor(cfg, accelerator)(model, accelerator)
+    result = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, **scores}
+    _report(args, accelerator, "knn", result, f"top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
     return 0
 
 
-def _default_output(checkpoint: Path, data: str) -> Path:
+def _eval_linear(args: argparse.Namespace) -> int:
+    cfg, model, accelerator = _evaluation(args)
+    train_f, train_l, test_f, test_l, classes = clean_features(cfg, model, accelerator)
+    result = train_linear_probes(train_f, train_l, test_f, test_l, classes, lrs=args.lrs, epochs=args.epochs)
+    _report(args, accelerator, "linear", result,
+            f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f} (best lr {result['best_lr']:g})")
+    return 0
+
+
+def _eval_fewshot(args: argparse.Namespace) -> int:
+    cfg, model, accelerator = _evaluation(args)
+    train_f, train_l, test_f, test_l, classes = clean_features(cfg, model, accelerator)
+    result = fewshot_eval(train_f, train_l, test_f, test_l, classes, shots=args.shots, seeds=args.seeds)
+    line = "  ".join(f"{n}-shot {r['mean_top1']:.4f} +- {r['std_top1']:.4f}" for n, r in result.items())
+    _report(args, accelerator, "fewshot", result, line)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from sslkit.plot import plot_run  # matplotlib only for this command
+
+    for path in plot_run(args.run_dir, limit=args.limit):
+        print(path)
+    return 0
+
+
+def _default_output(checkpoint: Path, stem: str) -> Path:
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    return folder / f"knn_{data}.json"
+    return folder / f"{stem}.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,16 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="protocol", required=True)
-    k = ev.add_parser("knn", help="k-NN top-1/top-5 on clean features")
-    k.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
-    k.add_argument("--data", required=True, help="dataset name, e.g. fashion_mnist")
-    k.add_argument("--data-root", default=None, help="where the dataset lives (default: its usual places)")
+
+    def protocol(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = ev.add_parser(name, help=help)
+        p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
+        p.add_argument("--data", required=True, help="dataset name, e.g. fashion_mnist")
+        p.add_argument("--data-root", default=None, help="where the dataset lives (default: its usual places)")
+        p.add_argument("--bank-limit", type=int, default=None, help="use only the first N training images")
+        p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+        p.add_argument("--output", default=None, help=f"JSON file (default: {name}_<data>.json beside the checkpoint)")
+        p.set_defaults(func=func)
+        return p
+
+    k = protocol("knn", "k-NN top-1/top-5 on clean features", _eval_knn)
     k.add_argument("--k", type=int, default=None, help="neighbours (default: the recipe's eval.knn_k)")
+    k.add_argument("--ks", type=int, nargs="*", default=[], help="more k from the same search, e.g. --ks 10 100 200")
     k.add_argument("--temperature", type=float, default=None, help="default: the recipe's eval.knn_temperature")
-    k.add_argument("--bank-limit", type=int, default=None, help="use only the first N training images")
-    k.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    k.add_argument("--output", default=None, help="JSON file (default: knn_<data>.json beside the checkpoint)")
-    k.set_defaults(func=_eval_knn)
+    lin = protocol("linear", "linear probe on cached frozen features, several learning rates in one pass",
+                   _eval_linear)
+    lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="one head per learning rate")
+    lin.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    few = protocol("fewshot", "N-shot linear probes over several seeds (mean and std)", _eval_fewshot)
+    few.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="labelled images per class")
+    few.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+
+    pl = sub.add_parser("plot", help="PNG curves of a run and a 2-D map of its test features")
+    pl.add_argument("run_dir", help="runs/<name>")
+    pl.add_argument("--limit", type=int, default=2000, help="test images in the 2-D map")
+    pl.set_defaults(func=_plot)
     return parser
 
 

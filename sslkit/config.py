@@ -111,11 +111,15 @@ class EvalConfig:
     knn: bool = True
     every_epochs: int = 1
     at_start: bool = True  # score the untrained network too
-    knn_k: int = 20
+    knn_k: int = 20  # the k of knn_top1/knn_top5
+    knn_ks: tuple[int, ...] = ()  # more k from the same search, logged as knn_top1_k<k>
     knn_temperature: float = 0.07
     batch_size: int = 512
     bank_limit: Optional[int] = None  # use only the first N training images as the bank
     test_limit: Optional[int] = None
+    online_probe: bool = True  # a linear head on detached backbone features, trained alongside
+    online_lr: float = 0.1  # its learning rate (no weight decay; follows the same schedule)
+    collapse_every_steps: int = 50  # embedding std and effective rank of a batch; 0: off
 
 
 @dataclass
@@ -152,6 +156,10 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_value(path, value, inner[0])
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")

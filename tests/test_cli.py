@@ -26,7 +26,8 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir() and "SSLKIT_DATA" not in os.environ:
         pytest.skip("Fashion-MNIST is not installed (make test installs it)")
     out = tmp_path / "runs"
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t", *FMNIST)
+    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
+                      "eval.collapse_every_steps=8", *FMNIST)
     assert done.returncode == 0, done.stderr
     run = out / "t"
     assert "k-NN untrained network" in done.stdout and "k-NN after epoch 2" in done.stdout
@@ -38,7 +39,10 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     assert all(0.3 < m["knn_top1"] < m["knn_top5"] <= 1.0 for m in knn)
     assert knn[0]["knn_top1"] < 0.99  # real data: the scores below compare something
     assert losses and all(torch.isfinite(torch.tensor(m["loss"])) for m in losses)
-    assert all({"step", "epoch", "lr", "img_per_s"} <= m.keys() for m in losses)
+    assert all({"step", "epoch", "lr", "img_per_s", "online_top1"} <= m.keys() for m in losses)
+    assert all(0.0 <= m["online_top1"] <= 1.0 for m in losses)
+    collapse = [m for m in metrics if "eff_rank" in m]
+    assert collapse and all(m["step"] % 8 == 0 and m["emb_std"] > 0 for m in collapse)
     start = next(m for m in metrics if m.get("event") == "start")
     assert start["world_size"] == 1
 
@@ -62,6 +66,22 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     result = json.loads((last / "knn_fashion_mnist.json").read_text())
     assert result["knn_top1"] == pytest.approx(knn[-1]["knn_top1"])
     assert "top-1" in done.stdout
+
+    # linear probe and few-shot on the exported backbone; plots of the run
+    backbone_file = str(run / "backbone.safetensors")
+    limits = ["--data", "fashion_mnist", "--bank-limit", "2048", "--test-limit", "512"]
+    done = run_sslkit("eval", "linear", "--checkpoint", backbone_file, *limits, "--epochs", "10", "--lrs", "0.01", "0.1")
+    assert done.returncode == 0, done.stderr
+    linear = json.loads((run / "linear_fashion_mnist.json").read_text())
+    assert set(linear["per_lr"]) == {"0.01", "0.1"} and linear["top1"] > 0.5  # 10 classes: chance is 0.1
+    done = run_sslkit("eval", "fewshot", "--checkpoint", backbone_file, *limits, "--shots", "1", "5", "--seeds", "0", "1")
+    assert done.returncode == 0, done.stderr
+    fewshot = json.loads((run / "fewshot_fashion_mnist.json").read_text())
+    assert fewshot["5"]["mean_top1"] > fewshot["1"]["mean_top1"] > 0.1 and len(fewshot["5"]["runs"]) == 2
+    done = run_sslkit("plot", str(run), "--limit", "256")
+    assert done.returncode == 0, done.stderr
+    for name in ("curves.png", "embedding.png"):
+        assert (run / "plots" / name).stat().st_size > 1000
 
     # the same run again is refused; resume continues it to epoch 3
     again = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t", *FMNIST)

@@ -7,13 +7,14 @@ def test_recipe_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  lr: 0.1\ntrain:\n  epochs: 3\n")
     cfg = load_config(recipe, ["optim.lr=0.3", "train.batch_size=64", "augment.scale=[0.2, 1.0]",
-                               "data.root=/some/where", "eval.bank_limit=null"])
+                               "data.root=/some/where", "eval.bank_limit=null", "eval.knn_ks=[10, 200]"])
     assert cfg.optim.lr == 0.3
     assert cfg.train.epochs == 3
     assert cfg.train.batch_size == 64
     assert cfg.augment.scale == (0.2, 1.0)
     assert cfg.data.root == "/some/where"
     assert cfg.eval.bank_limit is None
+    assert cfg.eval.knn_ks == (10, 200)
     assert cfg.train.name == "r"  # the run is named after its recipe
 
 
@@ -32,6 +33,7 @@ def test_int_promoted_to_float_and_roundtrip(tmp_path):
         ("train.epochs=many", ["train.epochs", "int"]),
         ("train.progress=3", ["train.progress", "true or false"]),
         ("augment.scale=0.5", ["augment.scale", "list of 2"]),
+        ("eval.knn_ks=[10, ten]", ["eval.knn_ks[1]", "int"]),
         ("optim.lr", ["key=value"]),
     ],
 )

@@ -15,7 +15,7 @@ from lightly.utils.benchmarking import knn_predict
 from torch import Tensor, nn
 
 import sslkit.eval.knn as knn_module
-from sslkit.eval import KNNMonitor, extract_features, knn_accuracy, knn_scores
+from sslkit.eval import KNNMonitor, extract_features, knn_accuracy, knn_scores, knn_scores_multi
 
 C = 10
 
@@ -45,7 +45,11 @@ def gaussian() -> tuple[Tensor, Tensor, Tensor]:
 def test_matches_lightly(gaussian, k: int, t: float, chunk_size: int, backend: str) -> None:
     query, bank, labels = gaussian
     scores = knn_scores(query, bank, labels, C, k=k, temperature=t, chunk_size=chunk_size, backend=backend)
-    assert scores.shape == (300, C)
+    assert_matches_lightly(scores, query, bank, labels, k, t)
+
+
+def assert_matches_lightly(scores: Tensor, query: Tensor, bank: Tensor, labels: Tensor, k: int, t: float) -> None:
+    assert scores.shape == (query.shape[0], C)
     torch.testing.assert_close(scores, dense_reference(query, bank, labels, k, t), rtol=1e-4, atol=1e-6)
     # lightly returns only the class ranking; it must agree wherever the order is defined
     # (classes with votes; zero-vote classes tie).
@@ -55,6 +59,33 @@ def test_matches_lightly(gaussian, k: int, t: float, chunk_size: int, backend: s
     voted = scores.gather(1, ours) > 0
     assert voted.sum(1).min() >= 2  # the comparison below covers more than the top-1
     assert torch.equal(ours[voted], ranking[voted])
+
+
+@pytest.mark.parametrize("chunk_size", [300, 64])
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_multi_k_matches_lightly_per_k(gaussian, chunk_size: int, backend: str) -> None:
+    query, bank, labels = gaussian
+    ks = (200, 20, 5, 20)  # unsorted, with a duplicate
+    multi = knn_scores_multi(query, bank, labels, C, ks, temperature=0.1, chunk_size=chunk_size, backend=backend)
+    assert sorted(multi) == [5, 20, 200]
+    for k in multi:
+        assert_matches_lightly(multi[k], query, bank, labels, k, 0.1)
+        # knn_scores is the one-k case of the same search
+        torch.testing.assert_close(multi[k], knn_scores(query, bank, labels, C, k, 0.1, chunk_size, backend),
+                                   rtol=1e-6, atol=0.0)
+
+
+def test_multi_k_beyond_bank() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    q = torch.tensor([[2.0, 1.0]])  # cosines: 2/sqrt5, 1/sqrt5, -2/sqrt5
+    a, b, t = 2 / math.sqrt(5), 1 / math.sqrt(5), 0.5
+    multi = knn_scores_multi(q, bank, labels, 3, ks=(1, 2, 10), temperature=t)
+    assert torch.allclose(multi[1], torch.tensor([[math.exp(a / t), 0.0, 0.0]]))
+    assert torch.allclose(multi[2], torch.tensor([[math.exp(a / t), math.exp(b / t), 0.0]]))
+    assert torch.allclose(multi[10], torch.tensor([[math.exp(a / t), math.exp(b / t) + math.exp(-a / t), 0.0]]))
+    with pytest.raises(ValueError, match="ks"):
+        knn_scores_multi(q, bank, labels, 3, ks=())
 
 
 def test_torch_backend_memory_blocks(gaussian, monkeypatch) -> None:
@@ -150,6 +181,24 @@ def test_monitor_separable_and_shuffled() -> None:
     assert 0.35 < shuffled(model)["knn_top1"] < 0.65
 
 
+def test_monitor_extra_ks_equal_single_k_monitors() -> None:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = tiny_backbone()
+    bank, bank_labels = clusters(300, g)
+    test, test_labels = clusters(200, g)
+    flip = torch.rand(300, generator=g) < 0.3  # label noise: accuracy depends on k
+    bank_labels = torch.where(flip, 1 - bank_labels, bank_labels)
+
+    def monitor(k: int, ks: tuple[int, ...] | None = None) -> dict[str, float]:
+        return KNNMonitor(make_batches(bank, bank_labels, [128, 172]), make_batches(test, test_labels, [200]),
+                          to_float, num_classes=2, k=k, temperature=0.07, ks=ks)(model)
+
+    multi = monitor(20, ks=(1, 20, 100))
+    assert multi == {**monitor(20), "knn_top1_k1": monitor(1)["knn_top1"], "knn_top1_k100": monitor(100)["knn_top1"]}
+    assert multi["knn_top1_k1"] != multi["knn_top1_k100"]  # the k values really differ
+
+
 def _distributed_worker(rank: int, world: int, port: int) -> None:
     from accelerate import Accelerator
 
@@ -177,12 +226,14 @@ def _distributed_worker(rank: int, world: int, port: int) -> None:
 
     monitor = KNNMonitor(make_batches(bank[bank_shard], bank_labels[bank_shard], [4, 3] if rank == 0 else [6]),
                          make_batches(test[test_shard], test_labels[test_shard], [5] if rank == 0 else [2, 2]),
-                         to_float, num_classes=2, k=3, temperature=0.1)
+                         to_float, num_classes=2, k=3, temperature=0.1, ks=(1, 3))
     result = monitor(model, accelerator)
     with torch.no_grad():
         model.eval()
-        expected = knn_accuracy(knn_scores(model(to_float(test)), model(to_float(bank)), bank_labels, 2, k=3,
-                                           temperature=0.1), test_labels)
+        scores = knn_scores_multi(model(to_float(test)), model(to_float(bank)), bank_labels, 2, ks=(1, 3),
+                                  temperature=0.1)
+        expected = knn_accuracy(scores[3], test_labels)
+        expected["knn_top1_k1"] = knn_accuracy(scores[1], test_labels, topk=(1,))["knn_top1"]
     assert result == pytest.approx(expected)
     assert 0 < expected["knn_top1"] < 1
 

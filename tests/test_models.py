@@ -39,10 +39,31 @@ def test_method_registry_and_simclr_step():
     cfg.model.backbone, cfg.model.width = "tiny_cnn", 8
     cfg.method.proj_hidden_dim, cfg.method.proj_output_dim = 32, 16
     method = create_method(cfg)
-    loss = method([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
-    loss.backward()
-    assert loss.ndim == 0 and loss.item() > 0
+    assert method.online_probe is None
+    out = method([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
+    out["loss"].backward()
+    assert out["loss"].ndim == 0 and out["loss"].item() > 0
+    assert out["features"].shape == (4, 64) and not out["features"].requires_grad
     assert method.backbone.features[0].weight.grad is not None
+
+
+def test_online_probe_trains_without_touching_the_backbone():
+    cfg = Config()
+    cfg.model.backbone, cfg.model.width = "tiny_cnn", 8
+    cfg.method.proj_hidden_dim, cfg.method.proj_output_dim = 32, 16
+    torch.manual_seed(0)
+    method = create_method(cfg, num_classes=3)
+    views = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    with_probe = method(views, labels)
+    assert 0 <= with_probe["online_correct"].item() <= 6
+    # The probe's cross-entropy reaches the probe only: backbone gradients are the SSL loss's.
+    backbone_grads = torch.autograd.grad(with_probe["loss"], list(method.backbone.parameters()))
+    ssl_only = torch.autograd.grad(method(views)["loss"], list(method.backbone.parameters()))
+    for a, b in zip(backbone_grads, ssl_only):
+        assert torch.allclose(a, b)
+    probe_grad = torch.autograd.grad(method(views, labels)["loss"], method.online_probe.weight)[0]
+    assert probe_grad.abs().sum() > 0
     cfg.method.name = "simclrr"
     with pytest.raises(KeyError, match="did you mean 'simclr'"):
         create_method(cfg)

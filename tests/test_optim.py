@@ -36,6 +36,16 @@ def test_optimizers_exclude_bias_and_norm_from_decay(name):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.06 * 2 / 4)
 
 
+def test_extra_group_keeps_its_own_lr_and_no_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    probe = model[1]
+    opt = create_optimizer(model, OptimConfig(weight_decay=0.1), 128,
+                           [{"params": list(probe.parameters()), "lr": 0.5, "weight_decay": 0.0}])
+    decayed, plain, extra = opt.param_groups
+    assert len(decayed["params"]) == 1 and len(plain["params"]) == 1  # the first layer only
+    assert extra["lr"] == 0.5 and extra["weight_decay"] == 0.0 and decayed["lr"] == pytest.approx(0.06)
+
+
 def test_unknown_optimizer():
     with pytest.raises(KeyError, match="did you mean 'lars'"):
         create_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="lars2"), 128)

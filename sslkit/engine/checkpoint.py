@@ -67,8 +67,10 @@ def load_feature_model(path: str | Path) -> tuple[Config, nn.Module]:
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").is_file():
         cfg = load_config(path / "config.yaml")
-        method = create_method(cfg)
-        method.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = load_file(str(path / "model.safetensors"))
+        probe = state.get("online_probe.weight")  # (C, D) when the run trained an online probe
+        method = create_method(cfg, None if probe is None else probe.shape[0])
+        method.load_state_dict(state)
         return cfg, method.feature_model()
     if path.is_file() and path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:

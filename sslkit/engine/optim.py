@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from lightly.utils.lars import LARS
@@ -36,17 +36,27 @@ def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
     return cfg.lr if cfg.lr_batch_size is None else cfg.lr * batch_size / cfg.lr_batch_size
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
-    """Two groups: weights with decay, and biases/norm parameters (1-d) without it."""
+def param_groups(
+    model: nn.Module, weight_decay: float, exclude_bias_norm: bool, skip: frozenset[int] = frozenset()
+) -> list[dict]:
+    """Two groups: weights with decay, and biases/norm parameters (1-d) without it.
+
+    Parameters whose ``id`` is in ``skip`` belong to a group of their own elsewhere.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in skip:
             (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm)
+def create_optimizer(
+    model: nn.Module, cfg: OptimConfig, batch_size: int, extra_groups: Sequence[dict] = ()
+) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``model``; ``extra_groups`` (e.g. the online probe's, with its
+    own ``lr`` and ``weight_decay``) take their parameters out of the default groups."""
+    skip = frozenset(id(p) for group in extra_groups for p in group["params"])
+    groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm, skip) + list(extra_groups)
     return OPTIMIZERS.get(cfg.name)(groups, cfg, scaled_lr(cfg, batch_size))
 
 

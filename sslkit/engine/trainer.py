@@ -18,13 +18,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from sslkit.augment import create_augment, eval_transform
+from sslkit.augment import create_augment
 from sslkit.config import Config, TrainConfig, save_config
-from sslkit.data import Batches, ImageData, load_dataset, make_batches
+from sslkit.data import ImageData, load_dataset, make_batches
 from sslkit.engine.checkpoint import export_backbone, last_checkpoint, save_checkpoint
 from sslkit.engine.optim import create_optimizer, create_scheduler
 from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
-from sslkit.eval import KNNMonitor
+from sslkit.eval import CollapseMonitor, KNNMonitor
+from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
 from sslkit.methods import create_method
 
 
@@ -62,22 +63,10 @@ def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
 
 def knn_monitor(cfg: Config, accelerator: Accelerator, bank: Any = None) -> KNNMonitor:
     """k-NN on clean views: the train split (``bank``, if already loaded) against the test split."""
-    bank = load_dataset(cfg.data, "train") if bank is None else bank
-    test = load_dataset(cfg.data, "test")
-    bank = bank if cfg.eval.bank_limit is None else bank.head(cfg.eval.bank_limit)
-    test = test if cfg.eval.test_limit is None else test.head(cfg.eval.test_limit)
-
-    def batches(data: Any) -> Batches:  # every sample once over all processes
-        return make_batches(
-            data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
-            device=accelerator.device, num_workers=cfg.data.num_workers,
-        )
-
-    a = cfg.augment
+    bank, test = clean_splits(cfg, bank)
     return KNNMonitor(
-        batches(bank), batches(test), lambda x: eval_transform(x, a.size, a.mean, a.std),
-        bank.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
+        clean_batches(cfg, accelerator, bank), clean_batches(cfg, accelerator, test), clean_transform(cfg),
+        bank.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature, ks=cfg.eval.knn_ks,
     )
 
 
@@ -108,10 +97,13 @@ def train(cfg: Config) -> dict[str, float]:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # Method, views, optimiser. The augmentation RNG is seeded alike in every process.
-    method = create_method(cfg).to(device)
+    method = create_method(cfg, data.num_classes if cfg.eval.online_probe else None).to(device)
     augment = create_augment(cfg.augment).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    optimizer = create_optimizer(method, cfg.optim, cfg.train.batch_size)
+    probe_groups = [] if method.online_probe is None else [
+        {"params": list(method.online_probe.parameters()), "lr": cfg.eval.online_lr, "weight_decay": 0.0}
+    ]
+    optimizer = create_optimizer(method, cfg.optim, cfg.train.batch_size, probe_groups)
     scheduler = create_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps)
     model, optimizer = accelerator.prepare(method, optimizer)
     state = TrainState(generator)
@@ -141,6 +133,8 @@ def train(cfg: Config) -> dict[str, float]:
                unit="img", unit_scale=True, dynamic_ncols=True,
                disable=not (cfg.train.progress and accelerator.is_main_process))
     channels_last = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    collapse = CollapseMonitor()
+    online = torch.zeros(2, device=device)  # online-probe hits and samples since the last log
     window_start, window_step = time.perf_counter(), state.step
     for epoch in range(state.epoch, cfg.train.epochs):
         if state.step >= total_steps:
@@ -153,15 +147,18 @@ def train(cfg: Config) -> dict[str, float]:
         for _ in range(steps_per_epoch):
             if state.step >= total_steps:
                 break
-            loss_sum = torch.zeros((), device=device)
+            step_loss = torch.zeros((), device=device)
             for micro in range(accum):
-                images, _ = next(micro_batches)  # (b, C, H, W) uint8
+                images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
                 views = [v.contiguous(memory_format=channels_last) for v in augment(images, generator, (rank, world))]
                 # Gradients are averaged across processes only on the last micro-batch.
                 with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-                    loss = model(views) / accum
-                    accelerator.backward(loss)
-                loss_sum += loss.detach()
+                    out = model(views, labels)
+                    accelerator.backward(out["loss"] / accum)
+                step_loss += out["ssl_loss"] / accum
+                if "online_correct" in out:
+                    online[0] += out["online_correct"]
+                    online[1] += len(labels)
             if cfg.optim.clip_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
             optimizer.step()
@@ -171,16 +168,24 @@ def train(cfg: Config) -> dict[str, float]:
             state.step += 1
             bar.update(cfg.train.batch_size)
 
+            if cfg.eval.collapse_every_steps and state.step % cfg.eval.collapse_every_steps == 0:
+                stats = collapse(out["features"])  # this process's last micro-batch
+                log.write(step=state.step, epoch=epoch, **stats)
             if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
                 # The only host-device sync of the loop, once every log_every_steps.
-                loss_value = accelerator.reduce(loss_sum, "mean").item()
+                loss, correct, seen = accelerator.reduce(torch.cat([step_loss[None], online]), "sum").tolist()
+                online.zero_()
                 now = time.perf_counter()
-                img_per_s = (state.step - window_step) * cfg.train.batch_size / (now - window_start)
+                metrics = {
+                    "loss": loss / world,
+                    "lr": scheduler.get_last_lr()[0],
+                    "img_per_s": round((state.step - window_step) * cfg.train.batch_size / (now - window_start), 1),
+                    **({"online_top1": correct / seen} if seen else {}),
+                }
                 window_start, window_step = now, state.step
-                lr = scheduler.get_last_lr()[0]
-                last.update(loss=loss_value, lr=lr, img_per_s=img_per_s)
-                log.write(step=state.step, epoch=epoch, loss=loss_value, lr=lr, img_per_s=round(img_per_s, 1))
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}")
+                last.update(metrics)
+                log.write(step=state.step, epoch=epoch, **metrics)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "img_per_s"})
 
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -72,21 +72,56 @@ def knn_scores(
     Returns:
         (Q, C) float32 scores on the query's device.
     """
+    return knn_scores_multi(query, bank, bank_labels, num_classes, (k,), temperature, chunk_size, backend)[k]
+
+
+def knn_scores_multi(
+    query: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: str = "auto",
+) -> dict[int, Tensor]:
+    """:func:`knn_scores` for several k from one search with the largest k.
+
+    The search returns each query's neighbours sorted by similarity, so the k nearest are
+    a prefix of the max(ks) nearest; the votes are summed prefix by prefix, in increasing
+    k, so the vote work is that of one k = max(ks) too. Memory: the len(ks) (Q, C) results
+    plus O(chunk_size * max(ks)). Same arguments as :func:`knn_scores` except ``ks``, the
+    neighbour counts (each at most N is used; on FAISS's GPU search max(ks) <= 2048).
+
+    Returns:
+        ``{k: (Q, C) float32 scores on the query's device}`` for every k in ``ks``.
+    """
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
         raise ValueError(f"query (Q, D) and bank (N, D) must share D, got {tuple(query.shape)} and {tuple(bank.shape)}")
     if bank.shape[0] != bank_labels.shape[0]:
         raise ValueError(f"bank has {bank.shape[0]} rows but bank_labels has {bank_labels.shape[0]}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be non-empty positive neighbour counts, got {tuple(ks)}")
     device = query.device
     query = F.normalize(query.float(), dim=1)  # (Q, D)
     bank = F.normalize(bank.float().to(device), dim=1)  # (N, D)
     bank_labels = bank_labels.to(device).long()  # (N,)
-    k = min(k, bank.shape[0])
-    scores = torch.zeros(query.shape[0], num_classes, device=device)  # (Q, C)
+    order = sorted(set(ks))
+    prefixes = [min(k, bank.shape[0]) for k in order]  # neighbours actually used per k, ascending
+    scores = {k: torch.zeros(query.shape[0], num_classes, device=device) for k in order}  # (Q, C) each
     with _searcher(bank, backend) as search:
         for start in range(0, query.shape[0], chunk_size):
-            sims, idx = search(query[start : start + chunk_size], k)  # (c, k), (c, k)
-            votes = (sims / temperature).exp()  # (c, k)
-            scores[start : start + idx.shape[0]].scatter_add_(1, bank_labels[idx], votes)
+            sims, idx = search(query[start : start + chunk_size], prefixes[-1])  # (c, kmax), (c, kmax)
+            votes = (sims / temperature).exp()  # (c, kmax)
+            nb_labels = bank_labels[idx]  # (c, kmax)
+            rows = slice(start, start + idx.shape[0])
+            done, previous = 0, None
+            for k, used in zip(order, prefixes):
+                block = scores[k][rows]  # (c, C) view
+                if previous is not None:
+                    block.copy_(previous)  # the votes of the shorter prefix, then the next neighbours'
+                block.scatter_add_(1, nb_labels[:, done:used], votes[:, done:used])
+                done, previous = used, block
     return scores
 
 
@@ -116,6 +151,9 @@ class KNNMonitor:
     embeds its shards; the bank is gathered to every rank, each rank classifies only its
     own test shard, and the correct counts are summed across ranks: the search work is
     split P ways, and every rank returns the same numbers by construction.
+
+    Reports ``knn_top{t}`` for ``k`` and each ``t`` in ``topk``, plus ``knn_top1_k{k'}``
+    for every other ``k'`` in ``ks``, all from one search (:func:`knn_scores_multi`).
     """
 
     def __init__(
@@ -127,6 +165,7 @@ class KNNMonitor:
         k: int = 20,
         temperature: float = 0.07,
         topk: Sequence[int] = (1, 5),
+        ks: Sequence[int] | None = None,
     ) -> None:
         self.bank_batches = bank_batches
         self.test_batches = test_batches
@@ -135,6 +174,8 @@ class KNNMonitor:
         self.k = k
         self.temperature = temperature
         self.topk = tuple(topk)
+        # extra k values, reported as top-1 only; the main k is searched anyway
+        self.extra_ks = tuple(dict.fromkeys(x for x in ks or () if x != k))
 
     def __call__(self, backbone: nn.Module, accelerator: "accelerate.Accelerator | None" = None) -> dict[str, float]:
         bank, bank_labels = extract_features(backbone, self.bank_batches, self.transform, accelerator)  # (N, D), (N,)
@@ -142,16 +183,22 @@ class KNNMonitor:
             backbone, self.test_batches, self.transform, accelerator, gather=False
         )  # (q, D), (q,): this rank's shard
         device = accelerator.device if accelerator is not None else torch.device("cpu")
-        scores = knn_scores(
-            test.to(device), bank.to(device), bank_labels.to(device), self.num_classes, self.k, self.temperature
-        )  # (q, C)
+        scores = knn_scores_multi(
+            test.to(device), bank.to(device), bank_labels.to(device), self.num_classes, (self.k, *self.extra_ks),
+            self.temperature,
+        )  # {k: (q, C)}
         test_labels = test_labels.to(device)
         total = torch.tensor([test_labels.shape[0]], device=device)
-        counts = torch.cat([_topk_correct(scores, test_labels, self.topk), total])  # (len(topk) + 1,)
+        counts = torch.cat([
+            _topk_correct(scores[self.k], test_labels, self.topk),
+            *(_topk_correct(scores[k], test_labels, (1,)) for k in self.extra_ks),
+            total,
+        ])  # (len(topk) + len(extra_ks) + 1,)
         if accelerator is not None:
             counts = accelerator.reduce(counts, reduction="sum")
         counts = counts.tolist()
-        return {f"knn_top{t}": c / max(counts[-1], 1) for t, c in zip(self.topk, counts[:-1])}
+        names = [f"knn_top{t}" for t in self.topk] + [f"knn_top1_k{k}" for k in self.extra_ks]
+        return {name: c / max(counts[-1], 1) for name, c in zip(names, counts[:-1])}
 
 
 def _topk_correct(scores: Tensor, labels: Tensor, topk: Sequence[int]) -> Tensor:

@@ -1,10 +1,11 @@
-"""What every method shares: a backbone, a loss on a list of views, hooks the engine calls."""
+"""What every method shares: a backbone, an online probe, hooks the engine calls."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sslkit.config import Config
@@ -13,19 +14,35 @@ from sslkit.registry import Registry
 
 
 class Method(nn.Module):
-    """A self-supervised method: ``forward(views) -> loss``.
+    """A self-supervised method: ``forward(views, labels) -> {"loss", ...}``.
 
     The engine augments a uint8 batch into views with the recipe's augment preset and calls
-    the (Accelerate-wrapped) method on them; everything method-specific lives here.
+    the (Accelerate-wrapped) method on them. A subclass implements ``ssl_step``; this class
+    adds the online linear probe (``num_classes`` given): a linear head on the detached
+    backbone features of the first view, so it measures the representation without
+    shaping it.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg.model)
+        self.online_probe = nn.Linear(self.backbone.num_features, num_classes) if num_classes else None
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:  # views: V x (B, 3, h, w)
+    def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """views: V x (B, 3, h, w) -> (loss, backbone features (B, D) of the first view)."""
         raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Returns ``loss`` (to minimise), ``ssl_loss``, detached ``features`` (B, D) and, with
+        the probe and labels, ``online_correct`` (scalar count over the B samples)."""
+        ssl_loss, features = self.ssl_step(views)
+        out = {"loss": ssl_loss, "ssl_loss": ssl_loss.detach(), "features": features.detach()}
+        if self.online_probe is not None and labels is not None:
+            logits = self.online_probe(features.detach().float())  # (B, C)
+            out["loss"] = ssl_loss + F.cross_entropy(logits, labels)
+            out["online_correct"] = (logits.argmax(1) == labels).sum()
+        return out
 
     def feature_model(self) -> nn.Module:
         """The network whose features k-NN evaluates (a momentum method returns its teacher)."""
@@ -35,8 +52,9 @@ class Method(nn.Module):
         """Called after every optimiser step (momentum encoders update here)."""
 
 
-METHODS: Registry[Callable[[Config], Method]] = Registry("method")
+METHODS: Registry[Callable[..., Method]] = Registry("method")
 
 
-def create_method(cfg: Config) -> Method:
-    return METHODS.get(cfg.method.name)(cfg)
+def create_method(cfg: Config, num_classes: Optional[int] = None) -> Method:
+    """``cfg.method.name``'s method; with ``num_classes``, an online probe of that many classes."""
+    return METHODS.get(cfg.method.name)(cfg, num_classes)
