@@ -64,6 +64,13 @@ def test_online_probe_trains_without_touching_the_backbone():
         assert torch.allclose(a, b)
     probe_grad = torch.autograd.grad(method(views, labels)["loss"], method.online_probe.weight)[0]
     assert probe_grad.abs().sum() > 0
+    # Adding the probe does not change how the method's own modules are initialised.
+    torch.manual_seed(0)
+    without = dict(create_method(cfg).named_parameters())
+    torch.manual_seed(0)
+    with_probe = dict(create_method(cfg, num_classes=3).named_parameters())
+    assert with_probe.keys() - without.keys() == {"online_probe.weight", "online_probe.bias"}
+    assert all(torch.equal(v, with_probe[k]) for k, v in without.items())
     cfg.method.name = "simclrr"
     with pytest.raises(KeyError, match="did you mean 'simclr'"):
         create_method(cfg)

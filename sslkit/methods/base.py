@@ -27,7 +27,10 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = create_backbone(cfg.model)
-        self.online_probe = nn.Linear(self.backbone.num_features, num_classes) if num_classes else None
+        # The probe draws its init from a forked RNG, so that the method's own modules start from
+        # the same weights with or without it (and as the same method outside sslkit).
+        with torch.random.fork_rng(devices=[]):
+            self.online_probe = nn.Linear(self.backbone.num_features, num_classes) if num_classes else None
 
     def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """views: V x (B, 3, h, w) -> (loss, backbone features (B, D) of the first view)."""
