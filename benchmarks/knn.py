@@ -3,7 +3,8 @@
 Both run in one process on the same random normalised features; medians of ``--repeats``.
 lightly holds the full (Q, N) float32 similarity matrix; above ``--max-dense-gib`` it is
 skipped and the memory it would need is printed instead.
-Usage: ``python benchmarks/knn.py [--small | --large] [--repeats 3] [--chunk-size 4096] [--backends faiss,torch]``.
+Usage: ``python benchmarks/knn.py [--small | --large | --huge] [--repeats 3] [--chunk-size 4096]
+[--backends faiss,torch]``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ def main() -> None:
     size.add_argument("--small", action="store_true", help="bank 6000 x 128, 1000 queries (seconds, for a smoke run)")
     size.add_argument("--large", action="store_true",
                       help="bank 300000 x 512, 10000 queries (~3 GiB for sslkit; lightly's matrix would be 11 GiB)")
+    size.add_argument("--huge", action="store_true",
+                      help="bank 1000000 x 128, 10000 queries (0.5 GiB for sslkit; lightly's matrix would be 37 GiB)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--backends", default="faiss,torch", help="sslkit backends to time, comma-separated")
     parser.add_argument("--max-dense-gib", type=float, default=8.0, help="skip lightly above this (Q, N) matrix size")
     args = parser.parse_args()
-    n, q, d = (6000, 1000, 128) if args.small else (300_000, 10_000, 512) if args.large else (60000, 10000, 512)
+    sizes = {"small": (6000, 1000, 128), "large": (300_000, 10_000, 512), "huge": (1_000_000, 10_000, 128)}
+    n, q, d = next((v for k, v in sizes.items() if getattr(args, k)), (60000, 10000, 512))
     backends = args.backends.split(",")
 
     g = torch.Generator().manual_seed(0)

@@ -70,11 +70,13 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     # linear probe and few-shot on the exported backbone; plots of the run
     backbone_file = str(run / "backbone.safetensors")
     limits = ["--data", "fashion_mnist", "--bank-limit", "2048", "--test-limit", "512"]
-    done = run_sslkit("eval", "linear", "--checkpoint", backbone_file, *limits, "--epochs", "10", "--lrs", "0.01", "0.1")
+    done = run_sslkit("eval", "linear", "--checkpoint", backbone_file, *limits,
+                      "--epochs", "10", "--lrs", "0.01", "0.1")
     assert done.returncode == 0, done.stderr
     linear = json.loads((run / "linear_fashion_mnist.json").read_text())
     assert set(linear["per_lr"]) == {"0.01", "0.1"} and linear["top1"] > 0.5  # 10 classes: chance is 0.1
-    done = run_sslkit("eval", "fewshot", "--checkpoint", backbone_file, *limits, "--shots", "1", "5", "--seeds", "0", "1")
+    done = run_sslkit("eval", "fewshot", "--checkpoint", backbone_file, *limits,
+                      "--shots", "1", "5", "--seeds", "0", "1")
     assert done.returncode == 0, done.stderr
     fewshot = json.loads((run / "fewshot_fashion_mnist.json").read_text())
     assert fewshot["5"]["mean_top1"] > fewshot["1"]["mean_top1"] > 0.1 and len(fewshot["5"]["runs"]) == 2

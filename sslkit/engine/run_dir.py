@@ -13,7 +13,9 @@ import yaml
 from sslkit.config import Config
 
 # Keys that must match between a checkpoint and the config that resumes or evaluates it.
-IDENTITY_KEYS = ("method.name", "model.backbone", "model.small_stem", "model.width", "model.norm")
+IDENTITY_KEYS = (
+    "method.name", "model.backbone", "model.small_stem", "model.width", "model.norm", "eval.online_probe",
+)
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:

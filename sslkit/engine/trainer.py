@@ -1,9 +1,11 @@
 """The training loop, top to bottom.
 
 ``train(cfg)``: set up Accelerate, data, views, method and optimiser; score the untrained
-network with k-NN; then per epoch: one pass of optimiser steps, k-NN when due, a checkpoint;
-finally export the backbone. What varies between methods lives in the method
-(``forward(views) -> loss``, ``after_optimizer_step``) and its augment preset.
+network with k-NN; then per epoch: one pass of optimiser steps (logging loss, lr, img/s and
+the online probe every ``log_every_steps``, collapse monitors every ``collapse_every_steps``),
+k-NN when due, a checkpoint; finally export the backbone. What varies between methods lives
+in the method (``ssl_step(views) -> (loss, features)``, ``after_optimizer_step``) and its
+augment preset.
 """
 
 from __future__ import annotations

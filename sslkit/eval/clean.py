@@ -20,7 +20,10 @@ from sslkit.eval.features import extract_features
 
 
 def clean_splits(cfg: Config, bank: Any = None) -> tuple[Any, Any]:
-    """(train split, test split) with ``eval.bank_limit``/``test_limit``; ``bank``: the train split if already loaded."""
+    """(train split, test split), limited by ``eval.bank_limit``/``test_limit``.
+
+    ``bank``: the train split, when the caller has it loaded already.
+    """
     bank = load_dataset(cfg.data, "train") if bank is None else bank
     test = load_dataset(cfg.data, "test")
     bank = bank if cfg.eval.bank_limit is None else bank.head(cfg.eval.bank_limit)

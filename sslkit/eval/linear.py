@@ -135,7 +135,8 @@ def fit_linear_heads(
             xb = x.index_select(0, idx)  # (b, D); 3-5x faster than x[idx] on the CPU
             probs = _softmax(torch.addmm(b, xb, w).view(-1, heads, c))  # (b, L, C)
             # d(sum over heads of the mean CE)/d logits: each head's gradient is its own.
-            grad = probs.sub_(onehot.index_select(0, idx).unsqueeze(1)).view(-1, heads * c).div_(idx.numel())  # (b, L*C)
+            grad = probs.sub_(onehot.index_select(0, idx).unsqueeze(1))  # (b, L, C)
+            grad = grad.view(-1, heads * c).div_(idx.numel())  # (b, L*C)
             grad_w = xb.T @ grad  # (D, L*C)
             if weight_decay:
                 grad_w.add_(w, alpha=weight_decay)
