@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -137,7 +136,7 @@ def main() -> None:
     print(f"sslkit - lightly k-NN top-1: {100 * (s['knn_top1'] - l['knn_top1']):+.2f} points; "
           f"sslkit / lightly img/s: {s['img_per_s'] / l['img_per_s']:.2f}x")
     print(f"({torch.get_num_threads()} torch threads, {args.workers} lightly workers, "
-          f"torch {torch.__version__}, numpy {np.__version__})")
+          f"torch {torch.__version__})")
     if args.output:
         Path(args.output).write_text(json.dumps({"overrides": overrides, **results}, indent=2))
 

@@ -18,10 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from sslkit.augment.views import eval_transform
-from sslkit.data import load_dataset, make_batches
+from sslkit.data import load_dataset
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.engine.run_dir import read_metrics
+from sslkit.eval.clean import clean_batches, clean_transform
 from sslkit.eval.features import extract_features
 
 Series = tuple[list[int], list[float]]  # (steps, values), sorted by step
@@ -111,10 +111,7 @@ def plot_embedding(run_dir: Path, out: Path | None = None, limit: int = 2000) ->
         )
     cfg, model = load_feature_model(path)
     data = load_dataset(cfg.data, "test").head(limit)
-    batches = make_batches(data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
-                           num_workers=cfg.data.num_workers)
-    a = cfg.augment
-    features, labels = extract_features(model, batches, lambda x: eval_transform(x, a.size, a.mean, a.std))
+    features, labels = extract_features(model, clean_batches(cfg, None, data), clean_transform(cfg))
     features = F.normalize(features, dim=1)  # (N, D): the cosine geometry k-NN sees
     xy = project_2d(features)  # (N, 2)
     explained = xy.var(0) / features.var(0).sum()  # (2,) fraction of variance per axis

@@ -166,12 +166,18 @@ def clusters(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     return images.clamp(0, 255).to(torch.uint8).view(n, 3, 4, 4), labels
 
 
-def test_monitor_separable_and_shuffled() -> None:
+def cluster_setup() -> tuple[torch.Generator, nn.Module, Tensor, Tensor, Tensor, Tensor]:
+    """A seeded generator, a tiny backbone, a 300-image bank and 200 test images of two clusters."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = tiny_backbone()
     bank, bank_labels = clusters(300, g)
     test, test_labels = clusters(200, g)
+    return g, model, bank, bank_labels, test, test_labels
+
+
+def test_monitor_separable_and_shuffled() -> None:
+    g, model, bank, bank_labels, test, test_labels = cluster_setup()
     monitor = KNNMonitor(make_batches(bank, bank_labels, [128, 128, 44]), make_batches(test, test_labels, [100, 100]),
                          to_float, num_classes=2, k=20, temperature=0.07)
     assert monitor(model) == {"knn_top1": 1.0, "knn_top5": 1.0}
@@ -182,11 +188,7 @@ def test_monitor_separable_and_shuffled() -> None:
 
 
 def test_monitor_extra_ks_equal_single_k_monitors() -> None:
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = tiny_backbone()
-    bank, bank_labels = clusters(300, g)
-    test, test_labels = clusters(200, g)
+    g, model, bank, bank_labels, test, test_labels = cluster_setup()
     flip = torch.rand(300, generator=g) < 0.3  # label noise: accuracy depends on k
     bank_labels = torch.where(flip, 1 - bank_labels, bank_labels)
 

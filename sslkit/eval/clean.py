@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
@@ -31,8 +30,11 @@ def clean_splits(cfg: Config, bank: Any = None) -> tuple[Any, Any]:
     return bank, test
 
 
-def clean_batches(cfg: Config, accelerator: Accelerator, data: Any) -> Batches:
-    """In order, every sample once over all processes."""
+def clean_batches(cfg: Config, accelerator: Optional[Accelerator], data: Any) -> Batches:
+    """In order, every sample once over all processes (``accelerator`` None: one CPU process)."""
+    if accelerator is None:
+        return make_batches(data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
+                            num_workers=cfg.data.num_workers)
     return make_batches(
         data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -51,7 +53,6 @@ def clean_features(
     """Features of both splits, gathered: (train (N, D), train labels, test (Q, D), test labels, classes)."""
     train, test = clean_splits(cfg, bank)
     transform = clean_transform(cfg)
-    with torch.no_grad():
-        train_f, train_l = extract_features(model, clean_batches(cfg, accelerator, train), transform, accelerator)
-        test_f, test_l = extract_features(model, clean_batches(cfg, accelerator, test), transform, accelerator)
+    train_f, train_l = extract_features(model, clean_batches(cfg, accelerator, train), transform, accelerator)
+    test_f, test_l = extract_features(model, clean_batches(cfg, accelerator, test), transform, accelerator)
     return train_f, train_l, test_f, test_l, train.num_classes
