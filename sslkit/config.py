@@ -41,6 +41,7 @@ class ModelConfig:
     width: int = 32  # base width of sslkit's tiny_cnn (ignored by timm models)
     norm: str = "batch"  # tiny_cnn's normalisation: batch | group | none
     channels_last: bool = False
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, patch_size, ...)
 
 
 @dataclass
@@ -51,7 +52,34 @@ class MethodConfig:
     proj_layers: int = 2
     proj_batch_norm: bool = True
     temperature: float = 0.5
-    gather_distributed: bool = True  # negatives from every process, with their gradients
+    gather_distributed: bool = True  # negatives and batch statistics from every process, with their gradients
+    # predictor MLP on the online branch (BYOL, MoCo v3)
+    pred_hidden_dim: int = 4096
+    pred_layers: int = 2
+    # momentum (EMA) encoder (BYOL, DINO, MoCo v3): cosine from base to end over the run, per step
+    momentum_base: float = 0.99
+    momentum_end: float = 1.0
+    # DINO
+    bottleneck_dim: int = 256  # the head's last hidden width before its weight-normalised layer
+    norm_last_layer: bool = True  # fix the weight norm of the head's last layer to 1
+    freeze_last_layer_epochs: float = 1.0  # no updates to the head's last layer for this long
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0  # linear from warmup_teacher_temp to teacher_temp
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    # MAE
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels (the MAE paper's better target)
+    # VICReg
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+    # Barlow Twins
+    redundancy_weight: float = 5e-3  # the lambda of the off-diagonal terms
 
 
 @dataclass
@@ -72,6 +100,15 @@ class AugmentConfig:
     blur_kernel: int = 0  # odd kernel side; 0: about a tenth of the view size
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    solarize_prob: float = 0.0
+    # per-view probabilities of asymmetric presets (byol, dino: first view, second view[, local views]);
+    # empty: the method paper's values
+    view_blur_probs: tuple[float, ...] = ()
+    view_solarize_probs: tuple[float, ...] = ()
+    # multi-crop (dino): small views besides the two global ones, which use size and scale
+    local_crops: int = 0
+    local_size: int = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
 
 
 @dataclass
@@ -156,6 +193,10 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_value(path, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, got {value!r}")
+        return value
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")

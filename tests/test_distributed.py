@@ -1,4 +1,6 @@
-"""Two CPU processes with batch B per process must step exactly like one process with 2B."""
+"""Two CPU processes with batch B per process must step exactly like one process with 2B,
+for every method: gathered negatives carry their gradients, batch statistics and DINO's
+centre are all-reduced, random draws (views, MAE's masks) do not depend on the split."""
 
 import pytest
 from accelerate.utils import set_seed
@@ -6,7 +8,7 @@ from safetensors.torch import load_file
 
 from sslkit.config import load_config
 from sslkit.engine import read_metrics
-from sslkit.methods import create_method
+from sslkit.methods import METHODS, create_method
 from tests.conftest import run_sslkit
 
 pytestmark = pytest.mark.slow
@@ -14,6 +16,20 @@ pytestmark = pytest.mark.slow
 # No BatchNorm: per-process statistics would (rightly) differ from one big batch.
 EQUIVALENCE = ["model.norm=none", "method.proj_batch_norm=false", "eval.knn=false",
                "train.max_steps=3", "train.epochs=1", "train.batch_size=32", "optim.lr=2.0"]
+TINY_VIT = ("model.backbone=vit_tiny_patch16_224", "model.timm_kwargs={img_size: 16, patch_size: 4, embed_dim: 32, "
+            "depth: 2, num_heads: 2, global_pool: avg, fc_norm: false}")
+HEADS = ("method.proj_hidden_dim=32", "method.proj_output_dim=16", "method.pred_hidden_dim=32")
+METHOD_ARGS = {
+    "simclr": (),
+    "byol": ("augment.preset=byol", *HEADS),
+    "mocov3": ("augment.preset=byol", *HEADS),
+    "barlowtwins": ("augment.preset=byol", *HEADS),
+    "vicreg": ("augment.preset=byol", *HEADS),
+    "dino": ("augment.preset=multicrop", "augment.local_crops=2", "augment.local_size=8",
+             "method.proj_hidden_dim=32", "method.bottleneck_dim=16", "method.proj_output_dim=64"),
+    "mae": ("augment.preset=single", *TINY_VIT, "method.decoder_dim=16", "method.decoder_depth=1",
+            "method.decoder_heads=2", "optim.lr=0.5"),
+}
 
 
 def _train(tiny_recipe, out, name, processes, *extra):
@@ -34,17 +50,34 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_two_processes_equal_one(tiny_recipe, tmp_path):
-    one = _train(tiny_recipe, tmp_path, "p1", 1)
-    two = _train(tiny_recipe, tmp_path, "p2", 2)
-    # Control: without gathering, each process only contrasts against its own half.
-    local = _train(tiny_recipe, tmp_path, "p2_local", 2, "method.gather_distributed=false")
-
+def _moved(state, run_dir):
+    """How far training moved the self-supervised weights from their initialisation."""
     set_seed(0)
-    # (the online probe is part of the model, and must match too)
-    classes = one["online_probe.weight"].shape[0]
-    init = create_method(load_config(tmp_path / "p1" / "config.yaml"), classes).state_dict()
-    moved = _max_diff(_ssl(one), _ssl(init))
+    init = create_method(load_config(run_dir / "config.yaml"), state["online_probe.weight"].shape[0]).state_dict()
+    return _max_diff(_ssl(state), _ssl(init))
+
+
+def test_every_method_is_covered():
+    assert set(METHOD_ARGS) == set(METHODS.names())
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
+def test_two_processes_equal_one(tiny_recipe, tmp_path, method):
+    args = (f"method.name={method}", *METHOD_ARGS[method])
+    one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
+    two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
+    moved = _moved(one, tmp_path / "p1")
     assert moved > 1e-3
-    assert _max_diff(one, two) < 1e-3 * moved  # the same steps, up to float rounding
-    assert _max_diff(_ssl(one), _ssl(local)) > 0.05 * moved  # the test can tell a wrong gradient
+    # every weight (teacher, online probe and DINO's centre included): the same steps up to float rounding
+    assert one.keys() == two.keys()
+    assert _max_diff(one, two) < 1e-3 * moved
+    if method == "dino":
+        assert (one["criterion.center"] != 0).any()  # the centre moved, and both runs agree on it
+
+
+def test_without_gathering_two_processes_differ(tiny_recipe, tmp_path):
+    """Control: SimCLR without gathering contrasts only against each process's half, and
+    the comparison above can tell."""
+    one = _train(tiny_recipe, tmp_path, "p1", 1)
+    local = _train(tiny_recipe, tmp_path, "p2_local", 2, "method.gather_distributed=false")
+    assert _max_diff(_ssl(one), _ssl(local)) > 0.05 * _moved(one, tmp_path / "p1")

@@ -52,22 +52,15 @@ class ViewPipeline(nn.Module):
     [-h, h]), to a sample with probability ``jitter_prob``. Values are clamped to [0, 1] after each
     colour op, as torchvision does.
 
-    ``overrides`` replace fields of ``cfg`` for this view only (e.g. ``blur_prob=1.0``);
-    ``solarize_prob`` (threshold 0.5, BYOL's) is not part of AugmentConfig because only some
-    methods use it. ``normalize=False`` returns the views in [0, 1].
+    ``overrides`` replace fields of ``cfg`` for this view only (e.g. ``blur_prob=1.0``, or
+    ``size`` and ``scale`` for a multi-crop local view). Solarisation uses threshold 0.5
+    (BYOL's). ``normalize=False`` returns the views in [0, 1].
     """
 
-    def __init__(
-        self,
-        cfg: AugmentConfig,
-        normalize: bool = True,
-        solarize_prob: float = 0.0,
-        **overrides: object,
-    ) -> None:
+    def __init__(self, cfg: AugmentConfig, normalize: bool = True, **overrides: object) -> None:
         super().__init__()
         self.cfg = dataclasses.replace(cfg, **overrides)
         self.normalize = normalize
-        self.solarize_prob = solarize_prob
         self.blur_kernel = self.cfg.blur_kernel or default_blur_kernel(self.cfg.size)
 
     def forward(
@@ -101,8 +94,8 @@ class ViewPipeline(nn.Module):
             blur = _coin(n, cfg.blur_prob, generator, device)[rows]
             sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)[rows]
             x = ops.gaussian_blur(x, sigma, self.blur_kernel, blur)
-        if self.solarize_prob > 0:
-            x = ops.solarize(x, 0.5, _coin(n, self.solarize_prob, generator, device)[rows])
+        if cfg.solarize_prob > 0:
+            x = ops.solarize(x, 0.5, _coin(n, cfg.solarize_prob, generator, device)[rows])
         if self.normalize:
             x = ops.normalize(x, cfg.mean, cfg.std)
         return x
@@ -124,7 +117,8 @@ class ViewPipeline(nn.Module):
 
 
 class MultiView(nn.Module):
-    """Several views of each image: one per pipeline, e.g. SimCLR's two."""
+    """Several views of each image: one per pipeline, e.g. SimCLR's two, or DINO's two global
+    and N local crops (views of different sizes, in pipeline order)."""
 
     def __init__(self, pipelines: Sequence[ViewPipeline]) -> None:
         super().__init__()
@@ -133,7 +127,7 @@ class MultiView(nn.Module):
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
     ) -> list[Tensor]:
-        """images: uint8 (B, C, H, W) -> one float32 (B, 3, size, size) per pipeline (``shard``: see ViewPipeline)."""
+        """images: uint8 (B, C, H, W) -> one float32 (B, 3, size_v, size_v) per pipeline v (``shard``: see ViewPipeline)."""
         return [pipeline(images, generator, shard) for pipeline in self.pipelines]
 
 

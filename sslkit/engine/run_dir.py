@@ -14,7 +14,8 @@ from sslkit.config import Config
 
 # Keys that must match between a checkpoint and the config that resumes or evaluates it.
 IDENTITY_KEYS = (
-    "method.name", "model.backbone", "model.small_stem", "model.width", "model.norm", "eval.online_probe",
+    "method.name", "model.backbone", "model.small_stem", "model.width", "model.norm", "model.timm_kwargs",
+    "eval.online_probe",
 )
 
 

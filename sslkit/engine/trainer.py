@@ -4,8 +4,8 @@
 network with k-NN; then per epoch: one pass of optimiser steps (logging loss, lr, img/s and
 the online probe every ``log_every_steps``, collapse monitors every ``collapse_every_steps``),
 k-NN when due, a checkpoint; finally export the backbone. What varies between methods lives
-in the method (``ssl_step(views) -> (loss, features)``, ``after_optimizer_step``) and its
-augment preset.
+in the method (``ssl_step(views) -> (loss, features)``, ``before_optimizer_step``,
+``after_optimizer_step``) and its augment preset.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def train(cfg: Config) -> dict[str, float]:
     method = create_method(cfg, data.num_classes if cfg.eval.online_probe else None).to(device)
     augment = create_augment(cfg.augment).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    method.generator, method.shard = generator, (rank, world)
     probe_groups = [] if method.online_probe is None else [
         {"params": list(method.online_probe.parameters()), "lr": cfg.eval.online_lr, "weight_decay": 0.0}
     ]
@@ -149,6 +150,7 @@ def train(cfg: Config) -> dict[str, float]:
         for _ in range(steps_per_epoch):
             if state.step >= total_steps:
                 break
+            method.set_progress(state.step, steps_per_epoch, total_steps)
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
                 images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
@@ -163,10 +165,11 @@ def train(cfg: Config) -> dict[str, float]:
                     online[1] += len(labels)
             if cfg.optim.clip_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+            method.before_optimizer_step()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            method.after_optimizer_step(state.step, total_steps)
+            method.after_optimizer_step()
             state.step += 1
             bar.update(cfg.train.batch_size)
 

@@ -21,6 +21,12 @@ class Method(nn.Module):
     adds the online linear probe (``num_classes`` given): a linear head on the detached
     backbone features of the first view, so it measures the representation without
     shaping it.
+
+    The engine keeps ``step`` (optimiser steps done), ``steps_per_epoch`` and ``total_steps``
+    current through ``set_progress`` for schedules inside a method (EMA momentum, DINO's
+    teacher temperature), and hands over its augmentation ``generator`` and ``shard``
+    ``(rank, world_size)`` for random draws inside a step (MAE's masks), which then follow the
+    same rules as the views: saved with checkpoints, the same however a batch is split.
     """
 
     def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
@@ -31,6 +37,18 @@ class Method(nn.Module):
         # the same weights with or without it (and as the same method outside sslkit).
         with torch.random.fork_rng(devices=[]):
             self.online_probe = nn.Linear(self.backbone.num_features, num_classes) if num_classes else None
+        self.step, self.steps_per_epoch, self.total_steps = 0, 1, 1
+        self.generator: Optional[torch.Generator] = None  # None: torch's default generator
+        self.shard = (0, 1)
+
+    def set_progress(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        """Called by the engine before each optimiser step."""
+        self.step, self.steps_per_epoch, self.total_steps = step, steps_per_epoch, total_steps
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epochs done, for schedules given in epochs."""
+        return self.step / self.steps_per_epoch
 
     def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """views: V x (B, 3, h, w) -> (loss, backbone features (B, D) of the first view)."""
@@ -51,7 +69,11 @@ class Method(nn.Module):
         """The network whose features k-NN evaluates (a momentum method returns its teacher)."""
         return self.backbone
 
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+    def before_optimizer_step(self) -> None:
+        """Called when the gradients of a step are complete, before the optimiser uses them
+        (DINO drops its last layer's gradients here during the first epoch)."""
+
+    def after_optimizer_step(self) -> None:
         """Called after every optimiser step (momentum encoders update here)."""
 
 

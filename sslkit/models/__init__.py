@@ -1,7 +1,23 @@
-"""Backbones (sslkit's and timm's) and projection heads (lightly's, behind sslkit's API)."""
+"""Backbones, heads, momentum (EMA) encoders and MAE's masking parts."""
 
 from lightly.models.modules import SimCLRProjectionHead
 
 from sslkit.models.backbones import BACKBONES, TinyCNN, create_backbone
+from sslkit.models.heads import DINOHead, mlp_head
+from sslkit.models.masking import MAEDecoder, encode_visible, patchify, random_token_mask
+from sslkit.models.momentum import MomentumEncoder, cosine_momentum
 
-__all__ = ["BACKBONES", "SimCLRProjectionHead", "TinyCNN", "create_backbone"]
+__all__ = [
+    "BACKBONES",
+    "DINOHead",
+    "MAEDecoder",
+    "MomentumEncoder",
+    "SimCLRProjectionHead",
+    "TinyCNN",
+    "cosine_momentum",
+    "create_backbone",
+    "encode_visible",
+    "mlp_head",
+    "patchify",
+    "random_token_mask",
+]

@@ -69,12 +69,13 @@ def _use_small_stem(model: nn.Module, name: str) -> None:
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """A backbone without classifier: an sslkit one by name, else ``timm.create_model``.
 
-    Weights are never downloaded: ``pretrained=False`` always.
+    Weights are never downloaded: ``pretrained=False`` always. ``cfg.timm_kwargs`` go to timm
+    (e.g. ``img_size``, ``patch_size``, ``dynamic_img_size`` for a ViT on small or multi-size views).
     """
     if cfg.backbone in BACKBONES:
         model = BACKBONES.get(cfg.backbone)(cfg)
     elif timm.is_model(cfg.backbone):
-        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **cfg.timm_kwargs)
     else:
         raise KeyError(
             f"unknown model.backbone '{cfg.backbone}': not an sslkit backbone "

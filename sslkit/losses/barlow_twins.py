@@ -1,0 +1,62 @@
+"""Barlow Twins: make the cross-correlation of two views' embeddings the identity.
+
+Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021,
+https://arxiv.org/abs/2103.03230.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lightly.utils.dist import gather
+from torch import Tensor, nn
+
+
+class BarlowTwinsLoss(nn.Module):
+    """``sum_i (1 - C_ii)^2 + redundancy_weight * sum_{i != j} C_ij^2``, where C (D x D) is the
+    cross-correlation of the two views' embeddings, each standardised over the batch.
+
+    Written here rather than wrapped: lightly's ``BarlowTwinsLoss`` standardises each
+    process's embeddings by that process's own batch statistics and then averages the
+    per-process matrices, which is not the loss of the whole batch. The paper's code
+    standardises with synchronised statistics. Here, with ``gather_distributed=True``, the
+    embeddings of every process are gathered (with a backward that sums every process's
+    gradient) and the loss is that of the global batch, so P processes of batch N take the
+    same step as one process of batch P * N (``tests/test_methods_distributed.py``).
+
+    Args:
+        redundancy_weight: lambda, the weight of the off-diagonal terms (5e-3).
+        gather_distributed: standardise and correlate over the global batch.
+
+    Shapes:
+        z_a, z_b: (N, D) projections of the two views, N > 1.
+        returns: scalar.
+
+    Example:
+        >>> import torch
+        >>> from sslkit.losses import BarlowTwinsLoss
+        >>> z = torch.randn(64, 8)
+        >>> BarlowTwinsLoss()(z, z).item() < BarlowTwinsLoss()(z, torch.randn(64, 8)).item()
+        True
+    """
+
+    def __init__(self, redundancy_weight: float = 5e-3, gather_distributed: bool = False) -> None:
+        super().__init__()
+        self.redundancy_weight = redundancy_weight
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
+            z_a, z_b = torch.cat(gather(z_a)), torch.cat(gather(z_b))  # (P * N, D)
+        if len(z_a) < 2:
+            raise ValueError("BarlowTwinsLoss needs a batch of at least 2 to standardise over")
+        z_a, z_b = _standardize(z_a.float()), _standardize(z_b.float())
+        c = z_a.T @ z_b / len(z_a)  # (D, D)
+        on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+        return on_diagonal + self.redundancy_weight * off_diagonal
+
+
+def _standardize(z: Tensor) -> Tensor:
+    """Mean 0 and variance 1 per dimension over the batch (biased variance, as BatchNorm)."""
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)

@@ -1,0 +1,60 @@
+"""Momentum (EMA) encoders: a slowly moving copy of a network that provides targets."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.996, end: float = 1.0) -> float:
+    """BYOL's schedule: ``end - (end - base) * (cos(pi * step / total_steps) + 1) / 2``.
+
+    ``base`` at step 0, rising to ``end`` at ``total_steps``.
+    """
+    progress = min(step / max(total_steps, 1), 1.0)
+    return end - (end - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class MomentumEncoder(nn.Module):
+    """An exponential moving average of ``module``'s weights (BYOL's target, DINO's teacher).
+
+    It starts as a copy of ``module``; its parameters never require gradients, so the
+    optimiser and DDP's gradient synchronisation leave them alone, while ``state_dict`` (and
+    so every checkpoint) includes them. Call ``update(module, momentum)`` after each
+    optimiser step: ``ema = momentum * ema + (1 - momentum) * online`` for every parameter.
+    Buffers (BatchNorm running statistics) are the copy's own, from its own forward passes,
+    as in BYOL's and DINO's code, so that they describe the copy's activations.
+
+    Shapes: whatever ``module`` maps; ``forward`` runs without autograd.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from sslkit.models import MomentumEncoder, cosine_momentum
+        >>> online = nn.Linear(4, 2)
+        >>> teacher = MomentumEncoder(online)
+        >>> teacher.update(online, cosine_momentum(step=0, total_steps=100, base=0.99))
+        >>> teacher(torch.randn(3, 4)).requires_grad
+        False
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module)
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, momentum: float) -> None:
+        """EMA step towards ``module`` (the same architecture as the copy)."""
+        ema = list(self.module.parameters())
+        online = list(module.parameters())
+        if len(ema) != len(online):
+            raise ValueError("MomentumEncoder.update needs the module it was copied from")
+        torch._foreach_lerp_(ema, online, 1.0 - momentum)
