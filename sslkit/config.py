@@ -32,6 +32,7 @@ class DataConfig:
     train_limit: Optional[int] = None  # use only the first N training images (quick runs, tests)
     test_limit: Optional[int] = None  # use only the first N test images
     num_workers: int = 2  # decoding workers for datasets that do not fit on the device
+    bad_images: str = "error"  # an undecodable image file: error (stop, naming it) | skip (count it, use the next)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ModelConfig:
     width: int = 32  # base width of sslkit's tiny_cnn (ignored by timm models)
     norm: str = "batch"  # tiny_cnn's normalisation: batch | group | none
     channels_last: bool = False
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch when several processes train
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, patch_size, ...)
 
 
@@ -138,7 +140,9 @@ class TrainConfig:
     name: Optional[str] = None  # run directory is output_dir/name; None: recipe name
     log_every_steps: int = 10  # host reads of loss/lr (no device sync in between)
     checkpoint_every_epochs: int = 1
-    keep_checkpoints: int = 2  # older epoch checkpoints are deleted
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch every N optimiser steps
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
     progress: bool = True
     cpu: bool = False  # run on the CPU even where a GPU is present
 

@@ -75,6 +75,17 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, method):
         assert (one["criterion.center"] != 0).any()  # the centre moved, and both runs agree on it
 
 
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_synchronised_batchnorm_two_processes_equal_one(tiny_recipe, tmp_path, method):
+    """BatchNorm in the backbone and the heads (and BYOL's teacher), statistics over the global batch."""
+    args = (f"method.name={method}", *METHOD_ARGS[method], "model.norm=batch", "method.proj_batch_norm=true",
+            "model.sync_batchnorm=true")
+    one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
+    two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
+    assert _max_diff(one, two) < 1e-3 * _moved(one, tmp_path / "p1")
+    assert any("running_mean" in k for k in one)
+
+
 def test_without_gathering_two_processes_differ(tiny_recipe, tmp_path):
     """Control: SimCLR without gathering contrasts only against each process's half, and
     the comparison above can tell."""

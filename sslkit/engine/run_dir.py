@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -64,6 +65,15 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.start = time.time()
+
+    def rewind(self, step: int) -> None:
+        """Drop the events after ``step``: a resumed run logs them again from its checkpoint."""
+        if self.enabled and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
 
     def write(self, **event: Any) -> None:
         if self.enabled:

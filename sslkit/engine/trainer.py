@@ -24,11 +24,13 @@ from sslkit.augment import create_augment
 from sslkit.config import Config, TrainConfig, save_config
 from sslkit.data import ImageData, load_dataset, make_batches
 from sslkit.engine.checkpoint import export_backbone, last_checkpoint, save_checkpoint
+from sslkit.engine.guards import NonFiniteGuard, grads_finite, sigterm_flag
 from sslkit.engine.optim import create_optimizer, create_scheduler
 from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
 from sslkit.eval import CollapseMonitor, KNNMonitor
 from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
 from sslkit.methods import create_method
+from sslkit.models import convert_sync_batchnorm
 
 
 class TrainState:
@@ -99,7 +101,10 @@ def train(cfg: Config) -> dict[str, float]:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # Method, views, optimiser. The augmentation RNG is seeded alike in every process.
-    method = create_method(cfg, data.num_classes if cfg.eval.online_probe else None).to(device)
+    method = create_method(cfg, data.num_classes if cfg.eval.online_probe else None)
+    if cfg.model.sync_batchnorm:  # the same weights and keys; statistics over the global batch
+        method = convert_sync_batchnorm(method)
+    method = method.to(device)
     augment = create_augment(cfg.augment).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     method.generator, method.shard = generator, (rank, world)
@@ -118,6 +123,8 @@ def train(cfg: Config) -> dict[str, float]:
         accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, step {state.step})")
 
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    if cfg.resume and accelerator.is_main_process:
+        log.rewind(state.step)  # what was logged after the checkpoint will be logged again
     knn = knn_monitor(cfg, accelerator, data) if cfg.eval.knn else None
     last: dict[str, Any] = {}
 
@@ -127,9 +134,12 @@ def train(cfg: Config) -> dict[str, float]:
         log.write(step=state.step, epoch=state.epoch, **scores)
         accelerator.print(f"k-NN {label}: top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
 
+    def checkpoint(tag: str) -> None:
+        save_checkpoint(accelerator, cfg, ckpt_root, tag, cfg.train.keep_checkpoints)
+
     if knn is not None and cfg.eval.at_start and state.step == 0:
         evaluate("untrained network")
-    log.write(step=state.step, epoch=state.epoch, event="start", world_size=world,
+    log.write(step=state.step, epoch=state.epoch, event="resume" if cfg.resume else "start", world_size=world,
               total_steps=total_steps, batch_size=cfg.train.batch_size)
 
     bar = tqdm(total=total_steps * cfg.train.batch_size, initial=state.step * cfg.train.batch_size,
@@ -137,72 +147,104 @@ def train(cfg: Config) -> dict[str, float]:
                disable=not (cfg.train.progress and accelerator.is_main_process))
     channels_last = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     collapse = CollapseMonitor()
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, ckpt_root)
+    # fp16's GradScaler skips overflowing steps itself (and must see them to lower its scale).
+    scaler_skips = cfg.train.precision == "fp16"
     online = torch.zeros(2, device=device)  # online-probe hits and samples since the last log
     window_start, window_step = time.perf_counter(), state.step
-    for epoch in range(state.epoch, cfg.train.epochs):
-        if state.step >= total_steps:
-            break
-        bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
-        batches.set_epoch(epoch)
-        model.train()
-        micro_batches = iter(batches)
-        epoch_start, epoch_first_step = time.perf_counter(), state.step
-        for _ in range(steps_per_epoch):
+    with sigterm_flag() as sigterm:
+        for epoch in range(state.epoch, cfg.train.epochs):
             if state.step >= total_steps:
                 break
-            method.set_progress(state.step, steps_per_epoch, total_steps)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
-                images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
-                views = [v.contiguous(memory_format=channels_last) for v in augment(images, generator, (rank, world))]
-                # Gradients are averaged across processes only on the last micro-batch.
-                with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-                    out = model(views, labels)
-                    accelerator.backward(out["loss"] / accum)
-                step_loss += out["ssl_loss"] / accum
-                if "online_correct" in out:
-                    online[0] += out["online_correct"]
-                    online[1] += len(labels)
-            if cfg.optim.clip_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-            method.before_optimizer_step()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_optimizer_step()
-            state.step += 1
-            bar.update(cfg.train.batch_size)
+            bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
+            first = state.step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+            batches.set_epoch(epoch, start=first * accum)
+            model.train()
+            micro_batches = iter(batches)
+            epoch_start, epoch_first_step = time.perf_counter(), state.step
+            for _ in range(first, steps_per_epoch):
+                if state.step >= total_steps:
+                    break
+                method.set_progress(state.step, steps_per_epoch, total_steps)
+                step_loss = torch.zeros((), device=device)
+                for micro in range(accum):
+                    images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
+                    views = [v.contiguous(memory_format=channels_last)
+                             for v in augment(images, generator, (rank, world))]
+                    # Gradients are averaged across processes only on the last micro-batch.
+                    with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
+                        out = model(views, labels)
+                        accelerator.backward(out["loss"] / accum)
+                    step_loss += out["ssl_loss"] / accum
+                    if "online_correct" in out:
+                        online[0] += out["online_correct"]
+                        online[1] += len(labels)
+                if cfg.optim.clip_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                method.before_optimizer_step()
+                # Gradients are synchronised, so every process takes the same decision.
+                skipped = (cfg.train.max_nonfinite_steps > 0 and not scaler_skips
+                           and not grads_finite(step_loss, model.parameters()))
+                if not skipped:
+                    optimizer.step()
+                    skipped = scaler_skips and optimizer.step_was_skipped
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not skipped:
+                    method.after_optimizer_step()
+                state.step += 1
+                bar.update(cfg.train.batch_size)
+                if skipped:
+                    log.write(step=state.step, epoch=epoch, event="nonfinite_step", nonfinite_steps=guard.total + 1)
+                guard.update(skipped, state.step)
 
-            if cfg.eval.collapse_every_steps and state.step % cfg.eval.collapse_every_steps == 0:
-                stats = collapse(out["features"])  # this process's last micro-batch
-                log.write(step=state.step, epoch=epoch, **stats)
-            if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
-                # The only host-device sync of the loop, once every log_every_steps.
-                loss, correct, seen = accelerator.reduce(torch.cat([step_loss[None], online]), "sum").tolist()
-                online.zero_()
-                now = time.perf_counter()
-                metrics = {
-                    "loss": loss / world,
-                    "lr": scheduler.get_last_lr()[0],
-                    "img_per_s": round((state.step - window_step) * cfg.train.batch_size / (now - window_start), 1),
-                    **({"online_top1": correct / seen} if seen else {}),
-                }
-                window_start, window_step = now, state.step
-                last.update(metrics)
-                log.write(step=state.step, epoch=epoch, **metrics)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "img_per_s"})
+                if cfg.eval.collapse_every_steps and state.step % cfg.eval.collapse_every_steps == 0:
+                    stats = collapse(out["features"])  # this process's last micro-batch
+                    log.write(step=state.step, epoch=epoch, **stats)
+                stop = sigterm() if world == 1 else False
+                if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
+                    # The only host-device sync of the loop, once every log_every_steps (and the
+                    # non-finite check's read). SIGTERM is agreed on here under several processes.
+                    flag = torch.tensor([float(sigterm())], device=device)
+                    reduced = accelerator.reduce(torch.cat([step_loss[None], online, flag]), "sum").tolist()
+                    loss, correct, seen, terminated = reduced
+                    stop = stop or terminated > 0
+                    online.zero_()
+                    now = time.perf_counter()
+                    metrics = {
+                        "loss": loss / world,
+                        "lr": scheduler.get_last_lr()[0],
+                        "img_per_s": round((state.step - window_step) * cfg.train.batch_size / (now - window_start), 1),
+                        **({"online_top1": correct / seen} if seen else {}),
+                        **({"nonfinite_steps": guard.total} if guard.total else {}),
+                    }
+                    window_start, window_step = now, state.step
+                    last.update(metrics)
+                    log.write(step=state.step, epoch=epoch, **metrics)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "img_per_s"})
+                if stop:
+                    checkpoint(f"epoch_{epoch:04d}_step_{state.step:08d}")
+                    log.write(step=state.step, epoch=epoch, event="sigterm")
+                    accelerator.print(f"SIGTERM: saved a checkpoint at step {state.step} and stopped; "
+                                      "continue with resume=true")
+                    bar.close()
+                    accelerator.end_training()
+                    return last
+                if (cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0
+                        and state.step < min(total_steps, (epoch + 1) * steps_per_epoch)):
+                    checkpoint(f"epoch_{epoch:04d}_step_{state.step:08d}")  # mid-epoch; epoch ends save below
 
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - epoch_start
-        log.write(step=state.step, epoch=epoch, event="epoch_end", train_seconds=round(epoch_seconds, 3),
-                  epoch_img_per_s=round((state.step - epoch_first_step) * cfg.train.batch_size / epoch_seconds, 1))
-        state.epoch = epoch + 1
-        if knn is not None and (state.epoch % cfg.eval.every_epochs == 0 or state.step >= total_steps):
-            evaluate(f"after epoch {state.epoch}")
-        if state.epoch % cfg.train.checkpoint_every_epochs == 0 or state.step >= total_steps:
-            save_checkpoint(accelerator, cfg, ckpt_root, f"epoch_{state.epoch:04d}", cfg.train.keep_checkpoints)
-        window_start = time.perf_counter()  # evaluation and saving are not training time
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_seconds = time.perf_counter() - epoch_start
+            log.write(step=state.step, epoch=epoch, event="epoch_end", train_seconds=round(epoch_seconds, 3),
+                      epoch_img_per_s=round((state.step - epoch_first_step) * cfg.train.batch_size / epoch_seconds, 1))
+            state.epoch = epoch + 1
+            if knn is not None and (state.epoch % cfg.eval.every_epochs == 0 or state.step >= total_steps):
+                evaluate(f"after epoch {state.epoch}")
+            if state.epoch % cfg.train.checkpoint_every_epochs == 0 or state.step >= total_steps:
+                checkpoint(f"epoch_{state.epoch:04d}")
+            window_start = time.perf_counter()  # evaluation and saving are not training time
     bar.close()
 
     if accelerator.is_main_process:
