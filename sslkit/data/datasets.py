@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Union
@@ -33,6 +34,7 @@ SPLITS = ("train", "test")
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 CACHE_DIR = Path.home() / ".cache" / "sslkit"  # torchvision downloads land here when data.root is unset
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+BAD_IMAGES = ("error", "skip")  # the values of data.bad_images
 
 
 @dataclass
@@ -69,6 +71,14 @@ Dataset = Union[ImageData, "ImageFolder"]
 DATASETS: Registry[Callable[[DataConfig, str], Dataset]] = Registry("dataset")
 
 
+def check_bad_images(value: str) -> None:
+    if value not in BAD_IMAGES:
+        raise ValueError(
+            f"data.bad_images must be one of {', '.join(BAD_IMAGES)} (error: stop at an undecodable image "
+            f"file, naming it; skip: count it and use the next image), got {value!r}"
+        )
+
+
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """(N, C, H, W) uint8 -> (N, channels, H, W): 1 -> 3 is a free ``expand`` view, 3 -> 1 is luma."""
     have = images.shape[1]
@@ -97,8 +107,15 @@ def load_dataset(cfg: DataConfig, split: str) -> Dataset:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if cfg.channels not in (1, 3):
         raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
+    check_bad_images(cfg.bad_images)
+    key, limit = ("train_limit", cfg.train_limit) if split == "train" else ("test_limit", cfg.test_limit)
+    if limit is not None and limit < 1:
+        raise ValueError(
+            f"data.{key}={limit} leaves no {split} images: set it to at least 1, or to null for the whole split"
+        )
     data = DATASETS.get(cfg.name)(cfg, split)
-    limit = cfg.train_limit if split == "train" else cfg.test_limit
+    if len(data) == 0:
+        raise ValueError(f"the {split} split of dataset {cfg.name!r} is empty: check its files and data.root")
     if limit is not None:
         data = data.head(limit)
     if isinstance(data, ImageData) and cfg.channels == 1 and data.channels == 3:
@@ -168,18 +185,33 @@ def _locate(
 # ---------------------------------------------------------------------------------------
 # Fashion-MNIST (idx files)
 
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (``.gz`` or not) as a numpy array of its declared shape."""
+_FASHION_MNIST_REMEDY = (
+    "delete it and get it again: pass data.download=true (torchvision), or reinstall "
+    "dataset-fashion-mnist (`apt-get install --reinstall dataset-fashion-mnist`)"
+)
+
+
+def read_idx(path: Path, remedy: str = "replace it with a good copy") -> np.ndarray:
+    """An idx file (``.gz`` or not) as a numpy array of its declared shape; a damaged file,
+    or one of another format, is a ValueError naming it and ending with ``remedy``."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:  # not gzip, cut short, corrupt deflate data
+            raise ValueError(f"{path} is not a readable gzip file ({err}): {remedy}") from err
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise ValueError(f"{path} is not an unsigned-byte idx file (its first bytes are {raw[:4]!r}): {remedy}")
     ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise ValueError(f"{path} ends inside its idx header ({len(raw)} bytes): {remedy}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     if len(raw) - offset != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {len(raw) - offset} bytes")
+        raise ValueError(
+            f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes) but holds "
+            f"{len(raw) - offset} bytes (truncated or damaged): {remedy}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
@@ -218,8 +250,21 @@ def fashion_mnist(cfg: DataConfig, split: str) -> ImageData:
         download=_torchvision_download("FashionMNIST", split),
         how_to_get="as root, `apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist)",
     )
-    images = read_idx(_idx_file(folder, stems[0]))  # (N, 28, 28)
-    labels = read_idx(_idx_file(folder, stems[1]))  # (N,)
+    image_path, label_path = _idx_file(folder, stems[0]), _idx_file(folder, stems[1])
+    images = read_idx(image_path, _FASHION_MNIST_REMEDY)  # (N, 28, 28)
+    labels = read_idx(label_path, _FASHION_MNIST_REMEDY)  # (N,)
+    if images.ndim != 3 or labels.ndim != 1:
+        wrong = image_path if images.ndim != 3 else label_path
+        raise ValueError(
+            f"{wrong} holds an array of shape {images.shape if images.ndim != 3 else labels.shape}, not "
+            f"{'images (N, H, W)' if images.ndim != 3 else 'labels (N,)'}: the image and label files may be "
+            f"swapped or of another dataset; {_FASHION_MNIST_REMEDY}"
+        )
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(
+            f"{image_path} holds {len(images)} images and {label_path} {len(labels)} labels: "
+            f"one of them is from another release or damaged; {_FASHION_MNIST_REMEDY}"
+        )
     return ImageData(
         torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), num_classes=10
     )
@@ -229,13 +274,38 @@ def fashion_mnist(cfg: DataConfig, split: str) -> ImageData:
 # CIFAR-10 / CIFAR-100 (torchvision's pickled python batches)
 
 
-def _read_cifar(folder: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_cifar(
+    folder: Path, files: list[str], label_key: str, remedy: str = "replace it with a good copy"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated batches; a damaged file, or one of another format, is a ValueError
+    naming it and ending with ``remedy``."""
     images, labels = [], []
     for name in files:
-        with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")  # the files are python-2 pickles
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")  # the files are python-2 pickles
+        except Exception as err:  # truncated or foreign bytes raise all sorts while unpickling
+            raise ValueError(
+                f"{path} is not a readable CIFAR batch (truncated or of another format: "
+                f"{type(err).__name__}: {err}): {remedy}"
+            ) from err
+        if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+            keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(
+                f"{path} is not a CIFAR batch with 'data' and '{label_key}' (it holds {keys}): "
+                f"is it from the other CIFAR? {remedy}"
+            )
+        data = np.asarray(batch["data"])
+        batch_labels = np.asarray(batch[label_key])
+        shape_ok = data.ndim == 2 and data.shape[1] == 3 * 32 * 32 and batch_labels.shape == (len(data),)
+        if not shape_ok or not np.issubdtype(data.dtype, np.integer):
+            raise ValueError(
+                f"{path}: 'data' is {data.dtype} {data.shape} with {batch_labels.shape} labels, not uint8 "
+                f"(N, 3072) with (N,) labels: {remedy}"
+            )
+        images.append(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32))
+        labels.append(batch_labels.astype(np.int64))
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -246,6 +316,10 @@ def _cifar(cfg: DataConfig, split: str, classes: int) -> ImageData:
     else:
         folder_name, label_key, cls_name = "cifar-100-python", "fine_labels", "CIFAR100"
         files = [split]
+    how_to_get = (
+        f"download cifar-{classes}-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+        f"and unpack it, which makes {folder_name}/"
+    )
     folder = _locate(
         cfg,
         title=f"CIFAR-{classes} ({split} split: {folder_name}/{{{','.join(files)}}})",
@@ -253,12 +327,10 @@ def _cifar(cfg: DataConfig, split: str, classes: int) -> ImageData:
         layouts=(folder_name,),
         found=lambda d: all((d / f).is_file() for f in files),
         download=_torchvision_download(cls_name, split),
-        how_to_get=(
-            f"download cifar-{classes}-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
-            f"and unpack it, which makes {folder_name}/"
-        ),
+        how_to_get=how_to_get,
     )
-    images, labels = _read_cifar(folder, files, label_key)  # (N, 3, 32, 32), (N,)
+    remedy = f"delete {folder} and get it again: {how_to_get}, or pass data.download=true"
+    images, labels = _read_cifar(folder, files, label_key, remedy)  # (N, 3, 32, 32), (N,)
     return ImageData(images, labels, num_classes=classes)
 
 

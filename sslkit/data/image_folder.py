@@ -1,31 +1,125 @@
-"""ImageNet-style folders of image files, decoded per item by loader workers."""
+"""ImageNet-style folders of image files, decoded per item by loader workers.
+
+Undecodable files (truncated, corrupt, empty, not an image) follow ``data.bad_images``:
+``error`` raises a ``BadImageError`` naming the file; ``skip`` replaces the sample by the
+next decodable image in index order (deterministic, so batches keep their size and runs
+stay reproducible) and reports the file, which ``Batches`` counts and warns about once.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torchvision.io as tio
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError  # torchvision's dependency
 
 from sslkit.config import DataConfig
-from sslkit.data.datasets import DATASETS
+from sslkit.data.datasets import DATASETS, check_bad_images
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.io.decode_image reads
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what the decoders below read
 _SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageNet calls its test split "val"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TORCHVISION_SIGNATURES = (b"\xff\xd8\xff", b"GIF87a", b"GIF89a")  # JPEG, GIF; WebP is RIFF....WEBP
+_SKIP_HINT = "data.bad_images=skip"
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be read or decoded (a ValueError: bad input, not a bug)."""
+
+
+class BadImageWarning(UserWarning):
+    """An undecodable image file skipped under ``data.bad_images=skip``."""
+
+
+def decode_image_file(path: str, channels: int) -> torch.Tensor:
+    """``path`` as uint8 ``(channels, H, W)``; any read or decoding failure is a ``BadImageError``.
+
+    The format comes from the bytes, not the extension. JPEG and WebP go to torchvision
+    (libjpeg-turbo / libwebp; a truncated JPEG raises). PNG goes to Pillow: torchvision's
+    libpng decoder crashes the process (SIGSEGV) on PNG data that fails its checksums, where
+    Pillow raises. Grayscale, alpha, palette, 16-bit and CMYK images become ``channels``
+    channels of 8 bits (alpha is dropped, 16-bit samples keep their high byte).
+    """
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)  # (bytes,), writable: no copy for torch
+        if raw.size == 0:
+            raise ValueError("the file is empty (0 bytes)")
+        head = raw[:12].tobytes()
+        webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+        if head.startswith(_PNG_SIGNATURE):
+            image = _decode_png(raw, channels)
+        elif not (head.startswith(_TORCHVISION_SIGNATURES) or webp):
+            raise ValueError(f"not a JPEG, PNG or WebP image (it starts with {head!r})")
+        else:
+            # torchvision's WebP decoder ignores GRAY (and says so on stderr): RGB, then luma below.
+            gray = channels == 1 and not webp
+            mode = tio.ImageReadMode.GRAY if gray else tio.ImageReadMode.RGB
+            image = tio.decode_image(torch.from_numpy(raw), mode=mode)
+            if image.dim() == 4:  # (frames, C, H, W): an animated GIF under an image extension, its first frame
+                image = image[0]
+            if channels == 1 and image.shape[0] == 3:
+                image = TF.rgb_to_grayscale(image)
+    except Exception as err:  # OSError, RuntimeError, PIL errors (some are SyntaxError): all mean a bad file
+        if isinstance(err, OSError) and err.strerror:  # cannot read the file: no such file, permission
+            reason = err.strerror
+        elif isinstance(err, UnidentifiedImageError):  # its message shows a BytesIO object
+            reason = "not a readable PNG image (its header is damaged or cut short)"
+        else:
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            # torchvision prefixes its messages with the C++ source location: keep what follows.
+            reason = reason.rsplit(".cpp:", 1)[-1].split(", ", 1)[-1] if ".cpp:" in reason else reason
+        reason = reason.rstrip(".")
+        raise BadImageError(
+            f"cannot decode image {path}: {reason}. Remove or replace this file, "
+            f"or set {_SKIP_HINT} to train on without it (each such sample is replaced by the next image)"
+        ) from err
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != channels or 0 in image.shape:
+        raise BadImageError(
+            f"cannot decode image {path}: decoded to {image.dtype} {tuple(image.shape)}, not uint8 "
+            f"({channels}, H, W). Remove or replace this file, or set {_SKIP_HINT}"
+        )
+    return image
+
+
+def _decode_png(raw: np.ndarray, channels: int) -> torch.Tensor:
+    with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
+        im.load()  # decodes; truncated or corrupt data raises here
+        if im.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer gray: keep the high byte of 16 bits
+            gray = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+            im = Image.fromarray(gray.astype(np.uint8), mode="L")
+        elif im.mode == "P":
+            im = im.convert("RGBA")  # palette transparency, without Pillow's warning
+        im = im.convert("RGB" if channels == 3 else "L")  # drops alpha; L from RGB is ITU-R 601 luma
+        array = np.asarray(im)  # (H, W, 3) or (H, W)
+    return torch.from_numpy(array.copy()).view(array.shape[0], array.shape[1], channels).permute(2, 0, 1)
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """Image files as ``(uint8 (C, S, S), label)`` items; build one with ``ImageFolder.scan``.
 
-    Each image is decoded (RGB, or grayscale with ``channels=1``), its shorter side resized
-    to ``image_size`` (antialiased) and centre-cropped to a square.
+    Each image is decoded (RGB, or grayscale with ``channels=1``, whatever the file's own
+    mode), its shorter side resized to ``image_size`` (antialiased) and centre-cropped to a
+    square. ``bad_images`` ("error" | "skip") says what an undecodable file does; see
+    ``load``.
     """
 
     def __init__(
-        self, paths: np.ndarray, labels: torch.Tensor, classes: list[str], image_size: int, channels: int = 3
+        self,
+        paths: np.ndarray,
+        labels: torch.Tensor,
+        classes: list[str],
+        image_size: int,
+        channels: int = 3,
+        bad_images: str = "error",
     ) -> None:
+        check_bad_images(bad_images)
         # A numpy string array, not a list of str: forked workers reading Python objects
         # touch their refcounts and copy the pages, growing memory by the list's size each.
         self.paths = paths  # (N,) str
@@ -33,10 +127,12 @@ class ImageFolder(torch.utils.data.Dataset):
         self.classes = classes
         self.image_size = image_size
         self.channels = channels
+        self.bad_images = bad_images
 
     @classmethod
-    def scan(cls, folder: Path, image_size: int, channels: int = 3) -> ImageFolder:
+    def scan(cls, folder: Path, image_size: int, channels: int = 3, bad_images: str = "error") -> ImageFolder:
         """``folder/<class>/**/*.jpg|jpeg|png|webp``; classes are the sorted subfolder names."""
+        check_bad_images(bad_images)
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         paths: list[str] = []
         labels: list[int] = []
@@ -47,11 +143,8 @@ class ImageFolder(torch.utils.data.Dataset):
             paths += found
             labels += [label] * len(found)
         if not paths:
-            raise ValueError(
-                f"no images in {folder}: expected {folder}/<class>/<image> with extensions "
-                f"{', '.join(IMG_EXTENSIONS)}; found {len(classes)} class folders"
-            )
-        return cls(np.array(paths), torch.tensor(labels, dtype=torch.int64), classes, image_size, channels)
+            raise ValueError(_no_images_message(folder, classes))
+        return cls(np.array(paths), torch.tensor(labels, dtype=torch.int64), classes, image_size, channels, bad_images)
 
     @property
     def num_classes(self) -> int:
@@ -60,20 +153,74 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = str(self.paths[index])
-        mode = tio.ImageReadMode.RGB if self.channels == 3 else tio.ImageReadMode.GRAY
-        try:
-            image = tio.decode_image(tio.read_file(path), mode=mode)  # (C, H, W) uint8
-        except RuntimeError as err:
-            raise ValueError(f"cannot decode image {path}: {err}") from err
+    def _decode(self, index: int) -> torch.Tensor:
+        image = decode_image_file(str(self.paths[index]), self.channels)  # (C, H, W)
         image = TF.resize(image, self.image_size, antialias=True)  # shorter side -> S
         image = TF.center_crop(image, [self.image_size, self.image_size])  # (C, S, S)
-        return image.contiguous(), int(self.labels[index])
+        return image.contiguous()
+
+    def load(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]]]:
+        """``(image, label, bad)``: ``bad`` is None, or ``(path, reason)`` when the file at
+        ``index`` did not decode and (``bad_images="skip"``) the image and label are those of
+        the next decodable file in index order, wrapping around. Warns nothing: the caller
+        reports ``bad`` (``Batches`` does, once per file, in the main process)."""
+        n = len(self)
+        try:
+            return self._decode(index), int(self.labels[index]), None
+        except BadImageError as err:
+            if self.bad_images == "error":
+                raise
+            bad = (str(self.paths[index]), str(err))
+        for step in range(1, n):
+            j = (index + step) % n
+            try:
+                return self._decode(j), int(self.labels[j]), bad
+            except BadImageError:
+                continue
+        folder = os.path.commonpath([str(self.paths[0]), str(self.paths[-1])])
+        raise BadImageError(
+            f"none of the {n} images under {folder} can be decoded ({_SKIP_HINT} needs at least one), "
+            f"e.g. {bad[1]}. Check that data.root points at the image files"
+        )
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label, bad = self.load(index)
+        if bad is not None:
+            warnings.warn(skip_message(*bad), BadImageWarning, stacklevel=2)
+        return image, label
 
     def head(self, n: int) -> ImageFolder:
         """The first ``n`` samples (in class order, so a small ``n`` covers few classes)."""
-        return ImageFolder(self.paths[:n], self.labels[:n], self.classes, self.image_size, self.channels)
+        return ImageFolder(
+            self.paths[:n], self.labels[:n], self.classes, self.image_size, self.channels, self.bad_images
+        )
+
+
+def skip_message(path: str, reason: str) -> str:
+    """The warning for a skipped file; ``reason`` is the ``BadImageError`` message."""
+    reason = reason.split(". Remove or replace", 1)[0]
+    return f"{reason}; skipped ({_SKIP_HINT}): its samples use the next decodable image instead"
+
+
+def _no_images_message(folder: Path, classes: list[str]) -> str:
+    loose = [p.name for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()]
+    layout = f"expected {folder}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)}"
+    if classes:
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        return (
+            f"no images in {folder}: its {len(classes)} class folder(s) ({shown}) hold no files with "
+            f"extensions {', '.join(IMG_EXTENSIONS)}. Put the images in them, or point data.root at the "
+            "folder that holds train/<class>/... or <class>/..."
+        )
+    if loose:
+        return (
+            f"no class folders in {folder}, only {len(loose)} loose image(s) (e.g. {loose[0]}): {layout}. "
+            f"Move the images into one subfolder per class, e.g. {folder}/<class>/{loose[0]}"
+        )
+    return (
+        f"no images in {folder}: it has no class folders; {layout}. "
+        "Point data.root at the folder that holds train/<class>/... or <class>/..."
+    )
 
 
 @DATASETS.register("image_folder")
@@ -83,21 +230,24 @@ def image_folder(cfg: DataConfig, split: str) -> ImageFolder:
     When ``data.root`` has none of ``train/``, ``test/``, ``val/``, it is taken as the class
     folder itself and both splits are the same images (k-NN then scores on training images).
     ``data.image_size`` is required: files differ in size, batches do not.
+    ``data.bad_images`` says what an undecodable file does (error | skip).
     """
     if cfg.root is None:
         raise ValueError("dataset 'image_folder' needs data.root=<folder with train/<class>/... or <class>/...>")
     if cfg.image_size is None:
         raise ValueError("dataset 'image_folder' needs data.image_size=<side in pixels> (e.g. 224)")
+    check_bad_images(cfg.bad_images)
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} is not a folder")
     split_dirs = [root / name for names in _SPLIT_FOLDERS.values() for name in names if (root / name).is_dir()]
     if not split_dirs:
-        return ImageFolder.scan(root, cfg.image_size, cfg.channels)
+        return ImageFolder.scan(root, cfg.image_size, cfg.channels, cfg.bad_images)
     for name in _SPLIT_FOLDERS[split]:
         if (root / name).is_dir():
-            return ImageFolder.scan(root / name, cfg.image_size, cfg.channels)
+            return ImageFolder.scan(root / name, cfg.image_size, cfg.channels, cfg.bad_images)
     raise FileNotFoundError(
         f"{root} has split folders ({', '.join(d.name for d in split_dirs)}) but none for the "
         f"{split} split: expected {' or '.join(str(root / n) for n in _SPLIT_FOLDERS[split])}"
     )
+

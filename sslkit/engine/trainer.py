@@ -79,10 +79,6 @@ def train(cfg: Config) -> dict[str, float]:
     accelerator = create_accelerator(cfg.train)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
     ckpt_root = run_dir / "checkpoints"
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, cfg)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)  # the same initial weights in every process
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
@@ -112,6 +108,11 @@ def train(cfg: Config) -> dict[str, float]:
         {"params": list(method.online_probe.parameters()), "lr": cfg.eval.online_lr, "weight_decay": 0.0}
     ]
     optimizer = create_optimizer(method, cfg.optim, cfg.train.batch_size, probe_groups)
+    # The run directory is touched only now that bad data or settings would have failed.
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, cfg)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     scheduler = create_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps)
     model, optimizer = accelerator.prepare(method, optimizer)
     state = TrainState(generator)
@@ -151,6 +152,7 @@ def train(cfg: Config) -> dict[str, float]:
     # fp16's GradScaler skips overflowing steps itself (and must see them to lower its scale).
     scaler_skips = cfg.train.precision == "fp16"
     online = torch.zeros(2, device=device)  # online-probe hits and samples since the last log
+    bad_before = 0  # batches.bad_images at the start of the epoch
     window_start, window_step = time.perf_counter(), state.step
     with sigterm_flag() as sigterm:
         for epoch in range(state.epoch, cfg.train.epochs):
@@ -237,8 +239,13 @@ def train(cfg: Config) -> dict[str, float]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_seconds = time.perf_counter() - epoch_start
+            # undecodable images replaced this epoch (data.bad_images=skip), over all processes
+            bad_images = int(accelerator.reduce(torch.tensor([batches.bad_images - bad_before], device=device),
+                                                "sum").item())
+            bad_before = batches.bad_images
             log.write(step=state.step, epoch=epoch, event="epoch_end", train_seconds=round(epoch_seconds, 3),
-                      epoch_img_per_s=round((state.step - epoch_first_step) * cfg.train.batch_size / epoch_seconds, 1))
+                      epoch_img_per_s=round((state.step - epoch_first_step) * cfg.train.batch_size / epoch_seconds, 1),
+                      **({"bad_images": bad_images} if bad_images else {}))
             state.epoch = epoch + 1
             if knn is not None and (state.epoch % cfg.eval.every_epochs == 0 or state.step >= total_steps):
                 evaluate(f"after epoch {state.epoch}")
