@@ -144,6 +144,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
     progress: bool = True
+    trackers: tuple[str, ...] = ()  # also log metrics to Accelerate trackers: tensorboard, wandb, ...
     cpu: bool = False  # run on the CPU even where a GPU is present
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torchvision.io as tio
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError  # torchvision's dependency
+from PIL import Image, UnidentifiedImageError
 
 from sslkit.config import DataConfig
 from sslkit.data.datasets import DATASETS, check_bad_images

@@ -7,9 +7,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
+from accelerate import Accelerator
 
 from sslkit.config import Config
 
@@ -59,11 +60,13 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl`` (main process only)."""
+    """Appends one JSON object per event to ``metrics.jsonl`` (main process only), and passes
+    the numbers on to the Accelerate trackers of ``accelerator`` (TensorBoard, W&B, ...) if given."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, accelerator: Optional[Accelerator] = None) -> None:
         self.path = path
         self.enabled = enabled
+        self.accelerator = accelerator
         self.start = time.time()
 
     def rewind(self, step: int) -> None:
@@ -80,6 +83,11 @@ class MetricsLog:
             event["time"] = round(time.time() - self.start, 3)
             with self.path.open("a") as f:
                 f.write(json.dumps(event) + "\n")
+        if self.accelerator is not None:  # (it logs on the main process only)
+            numbers = {k: v for k, v in event.items() if k not in ("step", "epoch", "time")
+                       and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numbers:
+                self.accelerator.log(numbers, step=event["step"])
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

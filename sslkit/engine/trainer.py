@@ -49,9 +49,24 @@ class TrainState:
         self.generator.set_state(state["augment_rng"])
 
 
-def create_accelerator(cfg: TrainConfig) -> Accelerator:
+def create_accelerator(cfg: TrainConfig, run_dir: Path | None = None) -> Accelerator:
+    """``cfg.trackers`` write under ``run_dir/trackers`` (e.g. TensorBoard event files)."""
     # Without CUDA, Accelerate only joins several launched processes (gloo) when told cpu=True.
-    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.precision)
+    return Accelerator(
+        cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.precision,
+        log_with=list(cfg.trackers) or None, project_dir=None if run_dir is None else str(run_dir / "trackers"),
+    )
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}``, lists and mappings as text: what trackers' hyper-parameter tables take."""
+    flat: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
+            if value is not None:
+                flat[f"{section}.{key}" if key else section] = (
+                    value if isinstance(value, (bool, int, float, str)) else str(value))
+    return flat
 
 
 def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -76,8 +91,8 @@ def knn_monitor(cfg: Config, accelerator: Accelerator, bank: Any = None) -> KNNM
 
 def train(cfg: Config) -> dict[str, float]:
     """Run a recipe; returns the last logged metrics (loss, knn_top1, ...)."""
-    accelerator = create_accelerator(cfg.train)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+    accelerator = create_accelerator(cfg.train, run_dir)
     ckpt_root = run_dir / "checkpoints"
     set_seed(cfg.train.seed)  # the same initial weights in every process
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -113,6 +128,9 @@ def train(cfg: Config) -> dict[str, float]:
         prepare_run_dir(run_dir, cfg)
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
+    if cfg.train.trackers:
+        accelerator.init_trackers(cfg.train.name or "run", config=flat_config(cfg),
+                                  init_kwargs={"wandb": {"dir": str(run_dir / "trackers")}})
     scheduler = create_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps)
     model, optimizer = accelerator.prepare(method, optimizer)
     state = TrainState(generator)
@@ -123,7 +141,8 @@ def train(cfg: Config) -> dict[str, float]:
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, step {state.step})")
 
-    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process,
+                     accelerator if cfg.train.trackers else None)
     if cfg.resume and accelerator.is_main_process:
         log.rewind(state.step)  # what was logged after the checkpoint will be logged again
     knn = knn_monitor(cfg, accelerator, data) if cfg.eval.knn else None
