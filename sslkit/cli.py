@@ -1,4 +1,4 @@
-"""``sslkit train | eval knn|linear|fewshot | plot``: the command line.
+"""``sslkit train | eval knn|linear|fewshot | plot | export``: the command line.
 
     sslkit train recipes/quickstart.yaml optim.lr=0.3 train.epochs=10
     sslkit train recipes/quickstart.yaml --num-processes 2      # launches through Accelerate
@@ -6,6 +6,7 @@
     sslkit eval knn --checkpoint runs/quickstart/checkpoints/last --data fashion_mnist
     sslkit eval linear --checkpoint runs/quickstart/backbone.safetensors --data fashion_mnist
     sslkit plot runs/quickstart
+    sslkit export runs/quickstart --format hf                   # timm-loadable, no sslkit needed
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sslkit.engine.trainer import create_accelerator, knn_monitor
 from sslkit.eval.clean import clean_features
 from sslkit.eval.fewshot import fewshot_eval
 from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
+from sslkit.export import FORMATS, export_run
 
 
 def _free_port() -> int:
@@ -118,6 +120,16 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    done = export_run(args.run_dir, args.format, checkpoint=args.checkpoint, output=args.output)
+    print(f"exported {done['source']} ({args.format}) -> {done['folder']}")
+    print(f"load it with timm alone:\n{done['load']}")
+    if args.format == "hf":
+        print(f"push it to the Hugging Face Hub: huggingface_hub.upload_folder(repo_id='<user>/<repo>', "
+              f"folder_path='{done['folder']}')")
+    return 0
+
+
 def _default_output(checkpoint: Path, stem: str) -> Path:
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     return folder / f"{stem}.json"
@@ -162,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", help="runs/<name>")
     pl.add_argument("--limit", type=int, default=2000, help="test images in the 2-D map")
     pl.set_defaults(func=_plot)
+
+    ex = sub.add_parser("export", help="the run's feature network for timm alone, or as a Hugging Face Hub folder")
+    ex.add_argument("run_dir", help="runs/<name>")
+    ex.add_argument("--format", choices=FORMATS, default="timm",
+                    help="timm: weights + the timm.create_model line; hf: the Hub layout timm loads (default: timm)")
+    ex.add_argument("--checkpoint", default=None,
+                    help="default: <run>/backbone.safetensors, else <run>/checkpoints/last")
+    ex.add_argument("--output", default=None, help="folder (default: <run>/export/<format>/)")
+    ex.set_defaults(func=_export)
     return parser
 
 
