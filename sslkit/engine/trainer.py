@@ -29,7 +29,7 @@ from sslkit.engine.optim import create_optimizer, create_scheduler
 from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
 from sslkit.eval import CollapseMonitor, KNNMonitor
 from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
-from sslkit.methods import create_method
+from sslkit.methods import Method, create_method
 from sslkit.models import convert_sync_batchnorm
 
 
@@ -87,6 +87,29 @@ def knn_monitor(cfg: Config, accelerator: Accelerator, bank: Any = None) -> KNNM
         clean_batches(cfg, accelerator, bank), clean_batches(cfg, accelerator, test), clean_transform(cfg),
         bank.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature, ks=cfg.eval.knn_ks,
     )
+
+
+def optimizer_step(
+    cfg: Config, accelerator: Accelerator, model: torch.nn.Module, method: Method,
+    optimizer: torch.optim.Optimizer, step_loss: torch.Tensor,
+) -> bool:
+    """Clip, let the method adjust the gradients, step and update its momentum encoder; returns
+    whether the step was skipped because the loss or a gradient was not finite."""
+    if cfg.optim.clip_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+    method.before_optimizer_step()
+    # fp16's GradScaler skips overflowing steps itself (and must see them to lower its scale);
+    # otherwise check here. Gradients are synchronised, so every process decides alike.
+    scaler_skips = cfg.train.precision == "fp16"
+    skipped = (cfg.train.max_nonfinite_steps > 0 and not scaler_skips
+               and not grads_finite(step_loss, model.parameters()))
+    if not skipped:
+        optimizer.step()
+        skipped = scaler_skips and optimizer.step_was_skipped
+    optimizer.zero_grad(set_to_none=True)
+    if not skipped:
+        method.after_optimizer_step()
+    return skipped
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -168,8 +191,6 @@ def train(cfg: Config) -> dict[str, float]:
     channels_last = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     collapse = CollapseMonitor()
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, ckpt_root)
-    # fp16's GradScaler skips overflowing steps itself (and must see them to lower its scale).
-    scaler_skips = cfg.train.precision == "fp16"
     online = torch.zeros(2, device=device)  # online-probe hits and samples since the last log
     bad_before = 0  # batches.bad_images at the start of the epoch
     window_start, window_step = time.perf_counter(), state.step
@@ -200,19 +221,8 @@ def train(cfg: Config) -> dict[str, float]:
                     if "online_correct" in out:
                         online[0] += out["online_correct"]
                         online[1] += len(labels)
-                if cfg.optim.clip_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                method.before_optimizer_step()
-                # Gradients are synchronised, so every process takes the same decision.
-                skipped = (cfg.train.max_nonfinite_steps > 0 and not scaler_skips
-                           and not grads_finite(step_loss, model.parameters()))
-                if not skipped:
-                    optimizer.step()
-                    skipped = scaler_skips and optimizer.step_was_skipped
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not skipped:
-                    method.after_optimizer_step()
+                skipped = optimizer_step(cfg, accelerator, model, method, optimizer, step_loss)
+                scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
                 state.step += 1
                 bar.update(cfg.train.batch_size)
                 if skipped:
@@ -224,8 +234,8 @@ def train(cfg: Config) -> dict[str, float]:
                     log.write(step=state.step, epoch=epoch, **stats)
                 stop = sigterm() if world == 1 else False
                 if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
-                    # The only host-device sync of the loop, once every log_every_steps (and the
-                    # non-finite check's read). SIGTERM is agreed on here under several processes.
+                    # One host read every log_every_steps (besides the non-finite check's one per
+                    # step). SIGTERM is agreed on here under several processes.
                     flag = torch.tensor([float(sigterm())], device=device)
                     reduced = accelerator.reduce(torch.cat([step_loss[None], online, flag]), "sum").tolist()
                     loss, correct, seen, terminated = reduced
