@@ -1,12 +1,13 @@
 # make run   - set up .venv and Fashion-MNIST, then pretrain recipes/quickstart.yaml
-# make test  - set up .venv and Fashion-MNIST, then run the whole test suite
+# make test  - set up .venv and Fashion-MNIST, build the docs, then run the whole test suite
+# make docs  - build the documentation site (docs/, mkdocs.yml) into site/ with --strict
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch build to install; override for another platform, e.g. make TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test data venv bench clean
+.PHONY: run test data venv docs bench clean
 
 venv: $(VENV)/.installed
 
@@ -33,8 +34,19 @@ data:
 run: venv data
 	$(VENV)/bin/sslkit train recipes/quickstart.yaml overwrite=true
 
-test: venv data
+# The docs build is part of the tests: a broken link, page or docstring fails CI.
+test: venv data docs
 	$(PY) -m pytest
+
+# The documentation site: the docs extra (mkdocs-material, mkdocstrings-python), then a strict
+# build (any warning fails). NO_MKDOCS_2_WARNING silences mkdocs-material's notice about its
+# successor, which is not about these docs.
+docs: venv $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
 
 bench: venv data
 	$(PY) benchmarks/compare_lightly.py --small

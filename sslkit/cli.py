@@ -6,7 +6,7 @@
     sslkit eval knn --checkpoint runs/quickstart/checkpoints/last --data fashion_mnist
     sslkit eval linear --checkpoint runs/quickstart/backbone.safetensors --data fashion_mnist
     sslkit plot runs/quickstart
-    sslkit export runs/quickstart --format hf                   # timm-loadable, no sslkit needed
+    sslkit export runs/mae_fashion_mnist --format hf            # timm-loadable, no sslkit needed
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ N-shot protocol with a fixed lr (the validation set is then unused but still dra
 from __future__ import annotations
 
 import statistics
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -68,7 +68,7 @@ def fewshot_eval(
     seeds: Sequence[int] = (0, 1, 2),
     val_per_class: int = 20,
     normalize: bool = True,
-    **probe_kwargs,
+    **probe_kwargs: Any,
 ) -> dict:
     """N-shot linear-probe accuracy on the test features, averaged over seeded draws.
 

@@ -32,7 +32,7 @@ class BarlowTwinsLoss(nn.Module):
         z_a, z_b: (N, D) projections of the two views, N > 1.
         returns: scalar.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import BarlowTwinsLoss
         >>> z = torch.randn(64, 8)

@@ -40,7 +40,7 @@ class DINOLoss(_LightlyDINOLoss):
         teacher_temp: the teacher's temperature this step (see ``teacher_temperature``).
         returns: scalar, the mean over the T x S - T pairs and the N samples.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import DINOLoss
         >>> loss_fn = DINOLoss(output_dim=32)

@@ -26,7 +26,7 @@ class MAELoss(nn.Module):
         target: (N, M, P) the true pixels of the same patches.
         returns: scalar, the mean over N x M x P.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import MAELoss
         >>> target = torch.randn(2, 12, 48)

@@ -29,7 +29,7 @@ class MoCoV3Loss(nn.Module):
         key: (N, D) the momentum encoder's projections of the other view.
         returns: scalar.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import MoCoV3Loss
         >>> MoCoV3Loss()(torch.randn(8, 16), torch.randn(8, 16)).shape

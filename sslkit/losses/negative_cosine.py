@@ -23,7 +23,7 @@ class NegativeCosineLoss(NegativeCosineSimilarity):
             usually detached or comes from a momentum encoder).
         returns: scalar, in [-1, 1].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import NegativeCosineLoss
         >>> p = torch.randn(8, 16)

@@ -27,7 +27,7 @@ class NTXentLoss(_LightlyNTXentLoss):
         out0, out1: (N, D) projections of the first and second views (normalised inside).
         returns: scalar, the mean over the 2N anchors of this process.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import NTXentLoss
         >>> loss_fn = NTXentLoss(temperature=0.5)

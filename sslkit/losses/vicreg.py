@@ -19,7 +19,9 @@ class VICRegLoss(_LightlyVICRegLoss):
     batch P * N (``tests/test_methods_distributed.py``).
 
     Args:
-        sim_weight, var_weight, cov_weight: the paper's lambda, mu, nu (25, 25, 1).
+        sim_weight: the invariance weight, the paper's lambda (25).
+        var_weight: the variance weight, mu (25).
+        cov_weight: the covariance weight, nu (1).
         gather_distributed: variance and covariance over the global batch.
         eps: added to the variance under the square root.
 
@@ -27,7 +29,7 @@ class VICRegLoss(_LightlyVICRegLoss):
         z_a, z_b: (N, D) projections of the two views.
         returns: scalar.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.losses import VICRegLoss
         >>> VICRegLoss()(torch.randn(8, 16), torch.randn(8, 16)).shape

@@ -48,14 +48,17 @@ class DINOHead(nn.Module):
     pass, and the EMA teacher is a deep copy of the student.
 
     Args:
-        input_dim, hidden_dim, bottleneck_dim, output_dim: widths (DINO: d, 2048, 256, 65536).
+        input_dim: the backbone's feature width.
+        hidden_dim: the MLP's width (DINO: 2048).
+        bottleneck_dim: the width before the last layer (DINO: 256).
+        output_dim: the number of prototypes K (DINO: 65536).
         layers: linear layers before the last one (DINO: 3).
         batch_norm: BatchNorm in the MLP (DINO uses it with ResNets, not with ViTs).
         norm_last_layer: fix the norm of each prototype to 1 (more stable; DINO's default).
 
     Shapes: (B, input_dim) -> (B, output_dim) logits.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sslkit.models import DINOHead
         >>> DINOHead(32, 64, 16, 128)(torch.randn(4, 32)).shape

@@ -30,7 +30,7 @@ class MomentumEncoder(nn.Module):
 
     Shapes: whatever ``module`` maps; ``forward`` runs without autograd.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from sslkit.models import MomentumEncoder, cosine_momentum

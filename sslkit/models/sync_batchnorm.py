@@ -60,8 +60,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Shapes: input ``(N, C)`` or ``(N, C, *)`` -> output of the same shape and dtype.
 
-    Example::
-
+    Examples:
         >>> bn = SyncBatchNorm(16)                  # or convert_sync_batchnorm(model)
         >>> bn(torch.randn(8, 16, 4, 4)).shape
         torch.Size([8, 16, 4, 4])
@@ -122,8 +121,7 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     training flag. Returns ``module`` changed in place, or the new module when ``module``
     itself is a BatchNorm (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``).
 
-    Example::
-
+    Examples:
         >>> model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
         >>> type(model[1]).__name__
         'SyncBatchNorm'
