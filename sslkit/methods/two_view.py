@@ -11,17 +11,27 @@ from typing import Optional
 import torch
 from torch import nn
 
-from sslkit.config import Config
+from sslkit.config import Config, MethodConfig
 from sslkit.losses import BarlowTwinsLoss, NTXentLoss, VICRegLoss
 from sslkit.methods.base import METHODS, Method
 from sslkit.models import SimCLRProjectionHead, mlp_head
 
 
 class TwoViewMethod(Method):
-    """``loss = criterion(head(backbone(x0)), head(backbone(x1)))``; subclasses set both."""
+    """``loss = criterion(head(backbone(x0)), head(backbone(x1)))``; subclasses choose the
+    criterion (and may replace the head: an MLP of ``method.proj_*`` by default)."""
 
-    projection_head: nn.Module
-    criterion: nn.Module
+    def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
+        super().__init__(cfg, num_classes)
+        self.projection_head = self.make_head(cfg.method)
+        self.criterion = self.make_criterion(cfg.method)
+
+    def make_head(self, m: MethodConfig) -> nn.Module:
+        return mlp_head(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim, m.proj_layers,
+                        m.proj_batch_norm)
+
+    def make_criterion(self, m: MethodConfig) -> nn.Module:
+        raise NotImplementedError
 
     def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x0, x1 = views  # (B, 3, h, w) each
@@ -33,15 +43,15 @@ class TwoViewMethod(Method):
 
 @METHODS.register("simclr")
 class SimCLR(TwoViewMethod):
-    """Chen et al. 2020, https://arxiv.org/abs/2002.05709: lightly's head, NT-Xent."""
+    """Chen et al. 2020, https://arxiv.org/abs/2002.05709: lightly's head (BatchNorm on the
+    output too), NT-Xent with gathered negatives."""
 
-    def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
-        super().__init__(cfg, num_classes)
-        m = cfg.method
-        self.projection_head = SimCLRProjectionHead(
-            self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim, m.proj_layers, m.proj_batch_norm
-        )
-        self.criterion = NTXentLoss(m.temperature, m.gather_distributed)
+    def make_head(self, m: MethodConfig) -> nn.Module:
+        return SimCLRProjectionHead(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim,
+                                    m.proj_layers, m.proj_batch_norm)
+
+    def make_criterion(self, m: MethodConfig) -> nn.Module:
+        return NTXentLoss(m.temperature, m.gather_distributed)
 
 
 @METHODS.register("barlowtwins")
@@ -49,13 +59,8 @@ class BarlowTwins(TwoViewMethod):
     """Zbontar et al. 2021, https://arxiv.org/abs/2103.03230: a wide MLP (8192 x 3), the
     cross-correlation loss over the global batch."""
 
-    def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
-        super().__init__(cfg, num_classes)
-        m = cfg.method
-        self.projection_head = mlp_head(
-            self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim, m.proj_layers, m.proj_batch_norm
-        )
-        self.criterion = BarlowTwinsLoss(m.redundancy_weight, m.gather_distributed)
+    def make_criterion(self, m: MethodConfig) -> nn.Module:
+        return BarlowTwinsLoss(m.redundancy_weight, m.gather_distributed)
 
 
 @METHODS.register("vicreg")
@@ -63,10 +68,5 @@ class VICReg(TwoViewMethod):
     """Bardes et al. 2022, https://arxiv.org/abs/2105.04906: a wide MLP (8192 x 3), variance,
     invariance and covariance terms, the statistics over the global batch."""
 
-    def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
-        super().__init__(cfg, num_classes)
-        m = cfg.method
-        self.projection_head = mlp_head(
-            self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim, m.proj_layers, m.proj_batch_norm
-        )
-        self.criterion = VICRegLoss(m.sim_weight, m.var_weight, m.cov_weight, m.gather_distributed)
+    def make_criterion(self, m: MethodConfig) -> nn.Module:
+        return VICRegLoss(m.sim_weight, m.var_weight, m.cov_weight, m.gather_distributed)
