@@ -56,3 +56,9 @@ def test_every_shipped_recipe_loads():
     assert len(recipes) >= 4
     for recipe in recipes:
         assert isinstance(load_config(recipe), Config)
+
+
+def test_exponent_without_a_decimal_point_is_a_float():
+    assert load_config(None, ["optim.lr=3e-3"]).optim.lr == 3e-3
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
