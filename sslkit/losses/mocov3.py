@@ -21,7 +21,7 @@ class MoCoV3Loss(nn.Module):
     DDP's averaging makes P processes of batch N equal one of batch P * N.
 
     Args:
-        temperature: 0.2 for ResNets in MoCo v3 (0.1 for ViTs).
+        temperature: 1.0 for ResNet-50 and 0.2 for ViTs in MoCo v3's code (``--moco-t``).
         gather_distributed: use the keys of every process as negatives.
 
     Shapes:
