@@ -1,106 +1,303 @@
-"""sslkit's SimCLR against lightly's, same backbone, batch, optimiser, epochs and seed.
+"""sslkit's SimCLR, BYOL and DINO against lightly's, same backbone, batch, optimiser, epochs and seed.
 
-lightly's side is the way its docs train SimCLR: PIL images through ``SimCLRTransform`` in
-DataLoader workers, ``SimCLRProjectionHead`` and ``NTXentLoss``, a plain torch loop.
+lightly's side is the way its docs and examples train each method: PIL images through the
+method's lightly transform (``SimCLRTransform``, ``BYOLTransform``, ``DINOTransform``) in
+DataLoader workers, lightly's heads, losses and momentum utilities, a plain torch loop.
 sslkit's side is ``sslkit.engine.train`` (uint8 data on the device, batched views).
-Both use the same optimiser and schedule (sslkit's, from the recipe) and both are scored
-by the same k-NN (sslkit's KNNMonitor, clean test images against the clean train split).
+Both use the same optimiser and schedules (sslkit's, from the recipe) and both are scored by
+the same k-NN (sslkit's KNNMonitor, clean test images against the clean train split) of the
+same network: the backbone for SimCLR, the online backbone for BYOL, the teacher's for DINO.
 
-    python benchmarks/compare_lightly.py --small        # a few minutes on 2 CPU cores
+    python benchmarks/compare_lightly.py --small                 # all three, 20k images, 1 epoch
+    python benchmarks/compare_lightly.py --small --method byol   # one method (simclr|byol|dino)
+    python benchmarks/compare_lightly.py                         # each recipe's full budget
     python benchmarks/compare_lightly.py recipes/simclr_fashion_mnist.yaml train.epochs=10
+
+Without a recipe, each method runs its Fashion-MNIST recipe (``RECIPES``); with one, its
+``method.name`` picks lightly's side.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from lightly.loss import NTXentLoss
-from lightly.models.modules import SimCLRProjectionHead
-from lightly.transforms import SimCLRTransform
+from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss
+from lightly.models.modules import (
+    BYOLPredictionHead,
+    BYOLProjectionHead,
+    DINOProjectionHead,
+    SimCLRProjectionHead,
+)
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms import (
+    BYOLTransform,
+    BYOLView1Transform,
+    BYOLView2Transform,
+    DINOTransform,
+    SimCLRTransform,
+)
+from lightly.utils.scheduler import cosine_schedule
 from PIL import Image
+from torch import Tensor, nn
 
-from sslkit.config import Config, load_config
+from sslkit.augment import create_augment
+from sslkit.config import AugmentConfig, Config, load_config
 from sslkit.data import load_dataset
 from sslkit.engine import read_metrics, train
 from sslkit.engine.optim import create_optimizer, create_scheduler
 from sslkit.engine.trainer import knn_monitor
+from sslkit.losses import teacher_temperature
 from sslkit.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small mode: the quickstart recipe on a 20k-image subset, one epoch each.
+RECIPES = {
+    "simclr": ROOT / "recipes" / "quickstart.yaml",
+    "byol": ROOT / "recipes" / "byol_fashion_mnist.yaml",
+    "dino": ROOT / "recipes" / "dino_fashion_mnist.yaml",
+}
+# Small mode: each method's recipe on a 20k-image subset, one epoch.
 SMALL = ["train.epochs=1", "data.train_limit=20000", "eval.bank_limit=20000", "eval.test_limit=5000"]
+
+Transform = Callable[[Image.Image], list[Tensor]]
 
 
 class PILViews(torch.utils.data.Dataset):
-    """uint8 (N, C, H, W) images as RGB PIL images through a lightly transform."""
+    """uint8 (N, C, H, W) images as RGB PIL images through a lightly multi-view transform."""
 
-    def __init__(self, images: torch.Tensor, transform: SimCLRTransform) -> None:
+    def __init__(self, images: Tensor, transform: Transform) -> None:
         self.images = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> list[torch.Tensor]:
+    def __getitem__(self, i: int) -> list[Tensor]:
         image = self.images[i]
         pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert("RGB")
         return self.transform(pil)
 
 
-def lightly_transform(cfg: Config) -> SimCLRTransform:
-    a = cfg.augment
-    return SimCLRTransform(
-        input_size=a.size, cj_prob=a.jitter_prob, cj_strength=1.0, cj_bright=a.brightness,
-        cj_contrast=a.contrast, cj_sat=a.saturation, cj_hue=a.hue, min_scale=a.scale[0],
-        random_gray_scale=a.gray_prob, gaussian_blur=a.blur_prob, sigmas=a.blur_sigma,
-        hf_prob=a.hflip_prob, normalize={"mean": list(a.mean), "std": list(a.std)},
+def view_settings(cfg: Config) -> list[AugmentConfig]:
+    """The settings of each of sslkit's views, the preset's per-view blur and solarisation
+    applied: lightly's transforms copy these, so both sides augment alike by construction."""
+    return [pipeline.cfg for pipeline in create_augment(cfg.augment).pipelines]
+
+
+def shared_kwargs(v: AugmentConfig, cj_strength: float = 1.0) -> dict:
+    """The arguments every lightly view transform takes, from one sslkit view's settings.
+
+    lightly multiplies each jitter strength by ``cj_strength``; the values are divided by it so
+    the product is the recipe's.
+    """
+    if tuple(v.ratio) != (3 / 4, 4 / 3):
+        raise ValueError(f"lightly's transforms crop with aspect ratio 3/4-4/3, the recipe has {v.ratio}")
+    return dict(
+        cj_prob=v.jitter_prob, cj_strength=cj_strength, cj_bright=v.brightness / cj_strength,
+        cj_contrast=v.contrast / cj_strength, cj_sat=v.saturation / cj_strength, cj_hue=v.hue / cj_strength,
+        random_gray_scale=v.gray_prob, sigmas=v.blur_sigma, hf_prob=v.hflip_prob,
+        normalize={"mean": list(v.mean), "std": list(v.std)},
     )
 
 
-class LightlySimCLR(torch.nn.Module):
+def two_view_kwargs(v: AugmentConfig) -> dict:
+    """SimCLR's and BYOL's transforms: crops of scale [min_scale, 1] only."""
+    if v.scale[1] != 1.0:
+        raise ValueError(f"lightly's SimCLR/BYOL transforms crop up to scale 1, the recipe has {v.scale}")
+    return dict(input_size=v.size, min_scale=v.scale[0], gaussian_blur=v.blur_prob, **shared_kwargs(v))
+
+
+def require(condition: bool, what: str) -> None:
+    """Stop when the recipe asks for something lightly's module of the method cannot build."""
+    if not condition:
+        raise ValueError(f"lightly's side cannot follow this recipe: {what}")
+
+
+class LightlyMethod(nn.Module):
+    """lightly's side of one method: its transform, its modules, one training step, and the
+    hooks around the optimiser step (as a Lightning module of lightly's examples would)."""
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        m = cfg.method
+        self.cfg = cfg
         self.backbone = create_backbone(cfg.model)
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        raise NotImplementedError
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        """views: V x (B, 3, h, w) -> scalar loss; ``step`` counts optimiser steps done."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        """After backward, before the optimiser uses the gradients."""
+
+    def feature_model(self) -> nn.Module:
+        """The network k-NN evaluates (sslkit's Method.feature_model counterpart)."""
+        return self.backbone
+
+
+class LightlySimCLR(LightlyMethod):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
         self.projection_head = SimCLRProjectionHead(
             self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim, m.proj_layers, m.proj_batch_norm
         )
+        self.criterion = NTXentLoss(temperature=m.temperature)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(x))
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        v0, v1 = view_settings(cfg)
+        require(v0 == v1, "SimCLRTransform makes two views alike")
+        return SimCLRTransform(**two_view_kwargs(v0))
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        x0, x1 = views
+        return self.criterion(self.projection_head(self.backbone(x0)), self.projection_head(self.backbone(x1)))
+
+
+class LightlyBYOL(LightlyMethod):
+    """lightly's BYOL example: online backbone + projector + predictor, a deep-copied EMA
+    target, ``cosine_schedule`` momentum updated at the start of each step."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        require(m.proj_layers == 2 and m.pred_layers == 2 and m.proj_batch_norm,
+                "BYOL's heads are two layers with BatchNorm")
+        self.projection_head = BYOLProjectionHead(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim)
+        self.prediction_head = BYOLPredictionHead(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        v0, v1 = view_settings(cfg)
+        return BYOLTransform(
+            BYOLView1Transform(solarization_prob=v0.solarize_prob, **two_view_kwargs(v0)),
+            BYOLView2Transform(solarization_prob=v1.solarize_prob, **two_view_kwargs(v1)),
+        )
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        m = self.cfg.method
+        momentum = cosine_schedule(step, total_steps, m.momentum_base, m.momentum_end)
+        update_momentum(self.backbone, self.backbone_momentum, m=momentum)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+        x0, x1 = views
+        p0, p1 = (self.prediction_head(self.projection_head(self.backbone(x))) for x in (x0, x1))
+        with torch.no_grad():
+            z0, z1 = (self.projection_head_momentum(self.backbone_momentum(x)) for x in (x0, x1))
+        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+
+
+class LightlyDINO(LightlyMethod):
+    """lightly's DINO example: student backbone + ``DINOProjectionHead`` (last layer frozen for
+    the first epochs), an EMA teacher on the two global views, ``DINOLoss``."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        require(m.proj_layers == 3, "DINOProjectionHead has three layers before its last one")
+        require(float(m.freeze_last_layer_epochs).is_integer(), "freeze_last_layer counts whole epochs")
+        head_args = (self.backbone.num_features, m.proj_hidden_dim, m.bottleneck_dim, m.proj_output_dim,
+                     m.proj_batch_norm)
+        self.student_head = DINOProjectionHead(
+            *head_args, freeze_last_layer=int(m.freeze_last_layer_epochs), norm_last_layer=m.norm_last_layer
+        )
+        # lightly's head uses torch's old weight_norm, which cannot be deep-copied (its weight is
+        # a non-leaf tensor from construction on): build the teacher's head anew and load the
+        # student's weights, as DINO's code does, so both start equal like sslkit's.
+        self.teacher_head = DINOProjectionHead(*head_args, norm_last_layer=m.norm_last_layer)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        self.teacher_backbone = copy.deepcopy(self.backbone)
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(
+            output_dim=m.proj_output_dim, warmup_teacher_temp=m.warmup_teacher_temp, teacher_temp=m.teacher_temp,
+            student_temp=m.student_temp, center_momentum=m.center_momentum,
+        )
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        a = cfg.augment
+        views = view_settings(cfg)
+        g0, g1 = views[:2]
+        local = views[2] if a.local_crops else g0
+        require(g0.solarize_prob == 0 and local.solarize_prob == 0,
+                "DINOTransform solarises only the second global view")
+        require(all(shared_kwargs(v) == shared_kwargs(g0) for v in views), "DINOTransform's views share jitter")
+        return DINOTransform(
+            global_crop_size=a.size, global_crop_scale=a.scale, local_crop_size=a.local_size,
+            local_crop_scale=a.local_scale, n_local_views=a.local_crops,
+            gaussian_blur=(g0.blur_prob, g1.blur_prob, local.blur_prob), solarization_prob=g1.solarize_prob,
+            # DINOTransform's second global view ignores cj_strength and keeps its default 0.5: pass
+            # 0.5 and doubled strengths so every view gets the recipe's jitter
+            **shared_kwargs(g0, cj_strength=0.5),
+        )
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        m = self.cfg.method
+        momentum = cosine_schedule(step, total_steps, m.momentum_base, m.momentum_end)
+        update_momentum(self.backbone, self.teacher_backbone, m=momentum)
+        update_momentum(self.student_head, self.teacher_head, m=momentum)
+        with torch.no_grad():
+            teacher_out = [self.teacher_head(self.teacher_backbone(x)) for x in views[:2]]
+        student_out = [self.student_head(self.backbone(x)) for x in views]
+        # DINOLoss's own warm-up steps per whole epoch; the recipe's is per step (sslkit's schedule)
+        temp = teacher_temperature(step / steps_per_epoch, m.teacher_temp, m.warmup_teacher_temp,
+                                   m.warmup_teacher_temp_epochs)
+        return self.criterion(teacher_out, student_out, teacher_temp=temp)
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        self.student_head.cancel_last_layer_gradients(current_epoch=epoch)
+
+    def feature_model(self) -> nn.Module:
+        return self.teacher_backbone
+
+
+LIGHTLY: dict[str, type[LightlyMethod]] = {"simclr": LightlySimCLR, "byol": LightlyBYOL, "dino": LightlyDINO}
 
 
 def run_lightly(cfg: Config, workers: int) -> dict[str, float]:
     set_seed(cfg.train.seed)
     data = load_dataset(cfg.data, "train")
+    method = LIGHTLY[cfg.method.name]
     loader = torch.utils.data.DataLoader(
-        PILViews(data.images, lightly_transform(cfg)), batch_size=cfg.train.batch_size, shuffle=True,
+        PILViews(data.images, method.transform(cfg)), batch_size=cfg.train.batch_size, shuffle=True,
         drop_last=True, num_workers=workers, persistent_workers=workers > 0,
     )
-    model = LightlySimCLR(cfg)
-    criterion = NTXentLoss(temperature=cfg.method.temperature)
-    optimizer = create_optimizer(model, cfg.optim, cfg.train.batch_size)
+    model = method(cfg)
+    optimizer = create_optimizer(model, cfg.optim, cfg.train.batch_size)  # momentum copies need no grad: left out
     total = cfg.train.epochs * len(loader)
     scheduler = create_scheduler(optimizer, cfg.optim, len(loader), total)
-    images, seconds = 0, 0.0
-    for _ in range(cfg.train.epochs):
+    step, images, seconds = 0, 0, 0.0
+    for epoch in range(cfg.train.epochs):
+        model.train()
         start = time.perf_counter()
-        for x0, x1 in loader:
-            loss = criterion(model(x0), model(x1))
+        for views in loader:
+            loss = model.training_step(views, step, len(loader), total)
             loss.backward()
+            model.before_optimizer_step(epoch)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            images += len(x0)
+            step += 1
+            images += len(views[0])
         seconds += time.perf_counter() - start
-    scores = knn_monitor(cfg, Accelerator(cpu=True))(model.backbone)
+    scores = knn_monitor(cfg, Accelerator(cpu=True))(model.feature_model())
     return {**scores, "img_per_s": images / seconds, "final_loss": loss.item()}
 
 
@@ -115,30 +312,58 @@ def run_sslkit(cfg: Config) -> dict[str, float]:
             "final_loss": scores["loss"]}
 
 
+def compare(recipe: Path, overrides: list[str], workers: int) -> dict[str, dict[str, float]]:
+    """Both sides of one recipe, each from a fresh config; prints their table."""
+    name = load_config(recipe, overrides).method.name
+    if name not in LIGHTLY:
+        raise SystemExit(f"no lightly side for method '{name}' (have: {', '.join(LIGHTLY)})")
+    print(f"\n== {name}: {recipe.name} {' '.join(overrides)}", flush=True)
+    start = time.perf_counter()
+    results = {
+        "lightly": run_lightly(load_config(recipe, overrides), workers),
+        "sslkit": run_sslkit(load_config(recipe, overrides)),
+    }
+    s, l = results["sslkit"], results["lightly"]
+    print(f"\n{name:10}{'k-NN top-1':>12}{'k-NN top-5':>12}{'train img/s':>14}{'final loss':>12}")
+    for side, r in results.items():
+        print(f"{side:10}{r['knn_top1']:12.4f}{r['knn_top5']:12.4f}{r['img_per_s']:14.1f}{r['final_loss']:12.4f}")
+    print(f"sslkit - lightly k-NN top-1: {100 * (s['knn_top1'] - l['knn_top1']):+.2f} points; "
+          f"sslkit / lightly img/s: {s['img_per_s'] / l['img_per_s']:.2f}x; "
+          f"both sides {time.perf_counter() - start:.0f} s", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="one recipe to compare (its method.name picks lightly's side); default: --method's")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--small", action="store_true", help="20k images, one epoch: a few minutes on 2 cores")
+    parser.add_argument("--method", choices=[*LIGHTLY, "all"], default="all",
+                        help="without a recipe: which methods' Fashion-MNIST recipes to run (default all)")
+    parser.add_argument("--small", action="store_true", help="20k images, one epoch: a few minutes per method")
     parser.add_argument("--workers", type=int, default=2, help="lightly's DataLoader workers")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    overrides = [*(SMALL if args.small else []), *args.overrides, "eval.at_start=false", "train.progress=false"]
+    overrides = list(args.overrides)
+    if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).is_file():
+        overrides.insert(0, args.recipe)  # an override, not a recipe
+        args.recipe = None
+    overrides = [*(SMALL if args.small else []), *overrides, "eval.at_start=false", "train.progress=false"]
+    if args.recipe is not None:
+        recipes = [Path(args.recipe)]
+    else:
+        recipes = list(RECIPES.values()) if args.method == "all" else [RECIPES[args.method]]
 
-    results = {
-        "lightly": run_lightly(load_config(args.recipe, overrides), args.workers),
-        "sslkit": run_sslkit(load_config(args.recipe, overrides)),
-    }
-    print(f"\n{'':10}{'k-NN top-1':>12}{'k-NN top-5':>12}{'train img/s':>14}{'final loss':>12}")
-    for name, r in results.items():
-        print(f"{name:10}{r['knn_top1']:12.4f}{r['knn_top5']:12.4f}{r['img_per_s']:14.1f}{r['final_loss']:12.4f}")
-    s, l = results["sslkit"], results["lightly"]
-    print(f"sslkit - lightly k-NN top-1: {100 * (s['knn_top1'] - l['knn_top1']):+.2f} points; "
-          f"sslkit / lightly img/s: {s['img_per_s'] / l['img_per_s']:.2f}x")
-    print(f"({torch.get_num_threads()} torch threads, {args.workers} lightly workers, "
-          f"torch {torch.__version__})")
+    results = {str(recipe): compare(recipe, overrides, args.workers) for recipe in recipes}
+    if len(results) > 1:
+        print(f"\n{'recipe':28}{'lightly top-1':>14}{'sslkit top-1':>14}{'difference':>12}{'img/s ratio':>13}")
+        for recipe, r in results.items():
+            s, l = r["sslkit"], r["lightly"]
+            print(f"{Path(recipe).name:28}{l['knn_top1']:14.4f}{s['knn_top1']:14.4f}"
+                  f"{100 * (s['knn_top1'] - l['knn_top1']):+11.2f}p{s['img_per_s'] / l['img_per_s']:12.2f}x")
+    print(f"({torch.get_num_threads()} torch threads, {args.workers} lightly workers, torch {torch.__version__})")
     if args.output:
-        Path(args.output).write_text(json.dumps({"overrides": overrides, **results}, indent=2))
+        Path(args.output).write_text(json.dumps({"overrides": overrides, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
