@@ -86,6 +86,12 @@ class PILViews(torch.utils.data.Dataset):
         return self.transform(pil)
 
 
+def require(condition: bool, what: str) -> None:
+    """Stop when the recipe asks for something lightly's module of the method cannot build."""
+    if not condition:
+        raise ValueError(f"lightly's side cannot follow this recipe: {what}")
+
+
 def view_settings(cfg: Config) -> list[AugmentConfig]:
     """The settings of each of sslkit's views, the preset's per-view blur and solarisation
     applied: lightly's transforms copy these, so both sides augment alike by construction."""
@@ -98,8 +104,7 @@ def shared_kwargs(v: AugmentConfig, cj_strength: float = 1.0) -> dict:
     lightly multiplies each jitter strength by ``cj_strength``; the values are divided by it so
     the product is the recipe's.
     """
-    if tuple(v.ratio) != (3 / 4, 4 / 3):
-        raise ValueError(f"lightly's transforms crop with aspect ratio 3/4-4/3, the recipe has {v.ratio}")
+    require(tuple(v.ratio) == (3 / 4, 4 / 3), f"its crops have aspect ratio 3/4-4/3, the recipe's {v.ratio}")
     return dict(
         cj_prob=v.jitter_prob, cj_strength=cj_strength, cj_bright=v.brightness / cj_strength,
         cj_contrast=v.contrast / cj_strength, cj_sat=v.saturation / cj_strength, cj_hue=v.hue / cj_strength,
@@ -110,15 +115,8 @@ def shared_kwargs(v: AugmentConfig, cj_strength: float = 1.0) -> dict:
 
 def two_view_kwargs(v: AugmentConfig) -> dict:
     """SimCLR's and BYOL's transforms: crops of scale [min_scale, 1] only."""
-    if v.scale[1] != 1.0:
-        raise ValueError(f"lightly's SimCLR/BYOL transforms crop up to scale 1, the recipe has {v.scale}")
+    require(v.scale[1] == 1.0, f"SimCLR's and BYOL's transforms crop up to scale 1, the recipe to {v.scale[1]}")
     return dict(input_size=v.size, min_scale=v.scale[0], gaussian_blur=v.blur_prob, **shared_kwargs(v))
-
-
-def require(condition: bool, what: str) -> None:
-    """Stop when the recipe asks for something lightly's module of the method cannot build."""
-    if not condition:
-        raise ValueError(f"lightly's side cannot follow this recipe: {what}")
 
 
 class LightlyMethod(nn.Module):
