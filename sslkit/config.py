@@ -33,6 +33,7 @@ class DataConfig:
     test_limit: Optional[int] = None  # use only the first N test images
     num_workers: int = 2  # decoding workers for datasets that do not fit on the device
     bad_images: str = "error"  # an undecodable image file: error (stop, naming it) | skip (count it, use the next)
+    decode: str = "workers"  # image files: workers (decode in loader workers) | device (JPEG on the GPU, nvjpeg)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class TrainConfig:
     progress: bool = True
     trackers: tuple[str, ...] = ()  # also log metrics to Accelerate trackers: tensorboard, wandb, ...
     cpu: bool = False  # run on the CPU even where a GPU is present
+    compile: bool = False  # torch.compile the networks (eager, with a warning, where compiling fails)
 
 
 @dataclass

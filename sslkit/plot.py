@@ -112,7 +112,7 @@ def plot_embedding(run_dir: Path, out: Path | None = None, limit: int = 2000) ->
     cfg, model = load_feature_model(path)
     data = load_dataset(cfg.data, "test").head(limit)
     features, labels = extract_features(model, clean_batches(cfg, None, data), clean_transform(cfg))
-    features = F.normalize(features, dim=1)  # (N, D): the cosine geometry k-NN sees
+    features, labels = F.normalize(features, dim=1).cpu(), labels.cpu()  # (N, D): the cosine geometry k-NN sees
     xy = project_2d(features)  # (N, 2)
     explained = xy.var(0) / features.var(0).sum()  # (2,) fraction of variance per axis
 

@@ -25,6 +25,16 @@ def tiny_recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def no_default_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide the machine's data folders and $SSLKIT_DATA so a test sees only its own files."""
+    from sslkit.data import datasets
+
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setattr(datasets, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.delenv("SSLKIT_DATA", raising=False)
+
+
 def run_sslkit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m sslkit ARGS`` in a fresh process, as a user runs it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -293,11 +293,13 @@ def test_same_seed_same_views_different_seed_different_views() -> None:
     assert not torch.allclose(first[0], first[1])  # the two views of a batch differ
 
 
+@pytest.mark.parametrize("preset", ["simclr", "multicrop"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_sharded_views_equal_the_global_batch(world_size: int) -> None:
-    """Each process's views of its rows equal the rows of the one-process views of the whole batch."""
+def test_sharded_views_equal_the_global_batch(world_size: int, preset: str) -> None:
+    """Each process's views of its rows equal the rows of the one-process views of the whole batch
+    (multicrop: also for its local views, made in one call on the repeated batch)."""
     images = _uint8(8 * world_size, 3, 32, 32)
-    views = create_augment(AugmentConfig(blur_prob=0.5, hue=0.1))
+    views = create_augment(AugmentConfig(preset=preset, blur_prob=0.5, hue=0.1, local_crops=3, local_size=16))
     whole = views(images, _gen(3))
     for rank, part in enumerate(images.chunk(world_size)):
         mine = views(part, _gen(3), (rank, world_size))

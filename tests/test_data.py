@@ -18,14 +18,7 @@ from sslkit.data import DATASETS, ImageData, load_dataset, make_batches, match_c
 from sslkit.data import datasets as datasets_module
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(autouse=True)
-def no_default_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hide the machine's data folders and $SSLKIT_DATA so each test sees only its own files."""
-    monkeypatch.setattr(datasets_module, "SYSTEM_DATA_DIR", tmp_path / "system")
-    monkeypatch.setattr(datasets_module, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.delenv("SSLKIT_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("no_default_places")
 
 
 # ---------------------------------------------------------------------------------------

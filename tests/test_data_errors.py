@@ -21,21 +21,13 @@ from PIL import Image
 
 from sslkit.config import DataConfig
 from sslkit.data import ImageFolder, load_dataset, make_batches
-from sslkit.data import datasets as datasets_module
 from sslkit.data.image_folder import BadImageError, BadImageWarning
 from tests.test_data import write_cifar, write_fashion_mnist, write_idx
 
 S = 8  # data.image_size of every image folder here
 # pytest.warns re-emits the warnings it did not match, past setup.cfg's torchvision.io filter.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def no_default_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hide the machine's data folders and $SSLKIT_DATA so each test sees only its own files."""
-    monkeypatch.setattr(datasets_module, "SYSTEM_DATA_DIR", tmp_path / "system")
-    monkeypatch.setattr(datasets_module, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.delenv("SSLKIT_DATA", raising=False)
+pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning"),
+              pytest.mark.usefixtures("no_default_places")]
 
 
 def folder_cfg(root: Path, **kw) -> DataConfig:

@@ -23,7 +23,9 @@ METHOD_ARGS = {
     "simclr": (),
     "byol": ("augment.preset=byol", *HEADS),
     "mocov3": ("augment.preset=byol", *HEADS),
-    "barlowtwins": ("augment.preset=byol", *HEADS),
+    # at lr 2.0 Barlow Twins moves its weights by ~50 in 3 steps and amplifies float rounding
+    # past the tolerance (since the 16 px views are blurred: a 3-tap kernel, not 1)
+    "barlowtwins": ("augment.preset=byol", *HEADS, "optim.lr=0.5"),
     "vicreg": ("augment.preset=byol", *HEADS),
     "dino": ("augment.preset=multicrop", "augment.local_crops=2", "augment.local_size=8",
              "method.proj_hidden_dim=32", "method.bottleneck_dim=16", "method.proj_output_dim=64"),
@@ -78,8 +80,10 @@ def test_two_processes_equal_one(tiny_recipe, tmp_path, method):
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_synchronised_batchnorm_two_processes_equal_one(tiny_recipe, tmp_path, method):
     """BatchNorm in the backbone and the heads (and BYOL's teacher), statistics over the global batch."""
+    # lr 0.5: at 2.0, 3 steps through BatchNorm amplify float rounding to 1e-3 of the distance moved
+    # (the ratio here is ~1e-6; without model.sync_batchnorm it is ~0.6)
     args = (f"method.name={method}", *METHOD_ARGS[method], "model.norm=batch", "method.proj_batch_norm=true",
-            "model.sync_batchnorm=true")
+            "model.sync_batchnorm=true", "optim.lr=0.5")
     one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
     two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
     assert _max_diff(one, two) < 1e-3 * _moved(one, tmp_path / "p1")

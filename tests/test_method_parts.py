@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightly.models.modules import DINOProjectionHead
 from torch import nn
 
-from sslkit.augment import create_augment
+from sslkit.augment import ViewPipeline, create_augment
 from sslkit.config import AugmentConfig, load_config
 from sslkit.engine.optim import create_optimizer
 from sslkit.losses import (
@@ -381,7 +381,9 @@ def test_byol_teacher_moves_by_scheduled_momentum_and_stays_out_of_the_optimizer
             p.add_(torch.randn_like(p))
     before = [p.clone() for p in teacher]
     method.set_progress(50, 10, 100)  # half-way: m = (0.9 + 1) / 2
-    method.after_optimizer_step()
+    method.after_optimizer_step(torch.tensor(0.0))  # a skipped step leaves the teacher alone
+    assert all(torch.equal(new, old) for new, old in zip(teacher, before))
+    method.after_optimizer_step(torch.tensor(1.0))
     for new, old, online in zip(teacher, before, student.parameters()):
         _close(new, 0.95 * old + 0.05 * online, atol=1e-6)
 
@@ -592,7 +594,26 @@ def test_multicrop_preset_views():
     out = views(images, _gen(1))
     assert [tuple(v.shape) for v in out] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
     assert not torch.allclose(out[2], out[3])  # each local view draws its own crop
+    # the three local views are made in one call on the repeated batch: the same as three calls
+    # on the image-major repeated batch, image j's views in rows 3j, 3j+1, 3j+2
+    gen = _gen(1)
+    for pipeline in pipelines[:2]:
+        pipeline(images, gen)
+    together = pipelines[2](images.repeat_interleave(3, 0), gen).unflatten(0, (4, 3))
+    assert all(torch.equal(out[2 + i], together[:, i]) for i in range(3))
     assert len(create_augment(AugmentConfig(preset="multicrop")).pipelines) == 2  # no local crops by default
+
+
+@pytest.mark.parametrize("blur_kernel, local_kernel", [(0, 3), (23, 9)])
+def test_multicrop_local_views_blur_even_when_small(blur_kernel, local_kernel):
+    """A local view's blur once had a 1-tap (identity) kernel below 20 px."""
+    cfg = AugmentConfig(preset="multicrop", size=224, local_crops=1, local_size=16 if not blur_kernel else 96,
+                        view_blur_probs=(0.0, 0.0, 1.0), blur_kernel=blur_kernel, jitter_prob=0.0, gray_prob=0.0)
+    local = create_augment(cfg).pipelines[2]
+    assert local.blur_kernel == local_kernel  # the global kernel scaled to the local size, or the default
+    unblurred = ViewPipeline(local.cfg, blur_prob=0.0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=_gen(0))
+    assert not torch.allclose(local(images, _gen(1)), unblurred(images, _gen(1)))
 
 
 def test_single_preset_has_one_view():

@@ -40,7 +40,7 @@ def test_loss_falls_on_a_fixed_batch(method):
         loss.backward()
         model.before_optimizer_step()
         optimizer.step()
-        model.after_optimizer_step()
+        model.after_optimizer_step(torch.tensor(1.0))
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.05 * abs(losses[0]), losses

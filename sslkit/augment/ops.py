@@ -4,6 +4,10 @@ Every op takes float images (B, C, H, W) and parameter tensors with one entry pe
 and runs as a few whole-batch kernels: no Python loop over images and no host sync, so the
 same code serves CPU tensors and GPU batches. Each op reproduces the torchvision/kornia
 functional op of the same name on the same parameters (tests/test_augment.py checks this).
+
+Per-sample choices blend with ``torch.lerp`` and 0/1 weights (exact: weight 0 gives the start,
+1 the end) rather than ``torch.where``: on the CPU, ``where`` over a (512, 3, 32, 32) batch
+took 7 ms against 0.3 ms for ``lerp`` (torch 2.14, one thread); on a GPU both are cheap.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtyp
 def _per_sample(values: Tensor) -> Tensor:
     """(B,) -> (B, 1, 1, 1), to broadcast over (B, C, H, W)."""
     return values.view(-1, 1, 1, 1)
+
+
+def _choose(where_false: Tensor, where_true: Tensor, condition: Tensor) -> Tensor:
+    """``torch.where(condition, where_true, where_false)`` as an exact 0/1 ``lerp`` (see above)."""
+    return torch.lerp(where_false, where_true.expand_as(where_false), condition.to(where_false.dtype))
 
 
 def sample_crop_boxes(
@@ -103,11 +112,20 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int | t
     shift_x = (2 * x0 + w) / width - 1
     scale_y = h / height
     shift_y = (2 * y0 + h) / height - 1
-    zero = torch.zeros_like(w)
-    theta = torch.stack([scale_x, zero, shift_x, zero, scale_y, shift_y], 1).view(batch, 2, 3)
-    grid = F.affine_grid(theta, [batch, channels, out_h, out_w], align_corners=False)  # (B, h, w, 2)
+    # F.affine_grid(align_corners=False) of the matrix [[scale_x, 0, shift_x], [0, scale_y, shift_y]],
+    # built from its two axes: its general (B, h*w, 3) x (B, 3, 2) product is 5x slower on the CPU
+    xs = _pixel_centres(out_w, images.device, images.dtype)  # (w,)
+    ys = _pixel_centres(out_h, images.device, images.dtype)  # (h,)
+    grid_x = torch.addcmul(shift_x[:, None], scale_x[:, None], xs)  # (B, w)
+    grid_y = torch.addcmul(shift_y[:, None], scale_y[:, None], ys)  # (B, h)
+    grid = torch.stack([grid_x[:, None, :].expand(-1, out_h, -1), grid_y[:, :, None].expand(-1, -1, out_w)], -1)
     # border padding repeats the image edge, as torchvision does for a crop at the edge
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(n,) the centres of n pixels in grid_sample's [-1, 1] coordinates (align_corners=False)."""
+    return (torch.arange(n, device=device, dtype=dtype) * 2 + 1) / n - 1
 
 
 def rgb_to_grayscale(images: Tensor) -> Tensor:
@@ -124,8 +142,9 @@ def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
 def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
     """torchvision's ``adjust_contrast``: blend with the image's mean luma; factor: (B,)."""
     weights = _constant(LUMA_WEIGHTS, images.device, images.dtype)
-    mean = images.mean((2, 3)) @ weights  # (B,): the mean of the luma, without the luma image
-    return torch.lerp(_per_sample(mean), images, _per_sample(factor)).clamp_(0, 1)
+    mean = _per_sample(images.mean((2, 3)) @ weights)  # (B, 1, 1, 1): the mean luma, without the luma image
+    # lerp(mean, images, factor), written out: lerp from a broadcast start is 6x slower on the CPU
+    return (images - mean).mul_(_per_sample(factor)).add_(mean).clamp_(0, 1)
 
 
 def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
@@ -141,21 +160,27 @@ def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
     """
     value = images.amax(1, keepdim=True)  # (B, 1, H, W)
     chroma = value - images.amin(1, keepdim=True)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # grey pixels have hue 0
+    safe = chroma + (chroma == 0).to(chroma.dtype)  # grey pixels (chroma 0) have hue 0
     r, g, b = images.split(1, dim=1)
-    # hue in sixths of a turn, the sextant picked by the first maximal channel (as kornia)
-    hue6 = torch.where(
-        (r >= g) & (r >= b), (g - b) / safe, torch.where(g >= b, (b - r) / safe + 2, (r - g) / safe + 4)
-    )
-    hue6 = hue6 + 6 * _per_sample(factor)
+    # hue in sixths of a turn, the sextant picked by the first maximal channel (as kornia):
+    # (g - b) / chroma where red is maximal, (b - r) / chroma + 2 where green, else (r - g) / chroma + 4
+    red = ((r >= g) & (r >= b)).to(images.dtype)  # (B, 1, H, W) 0/1
+    green = (g >= b).to(images.dtype).mul_(1 - red)
+    difference = torch.lerp(torch.lerp(r - g, b - r, green), g - b, red)
+    hue6 = difference.div_(safe).sub_(green.mul_(2)).sub_(red.mul_(4)).add_(4 + 6 * _per_sample(factor))
     offsets = _constant((5.0, 3.0, 1.0), images.device, images.dtype).view(1, 3, 1, 1)  # R, G, B
-    k = torch.remainder(offsets + hue6, 6)  # (B, 3, H, W)
-    return value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
+    k = offsets + hue6  # (B, 3, H, W)
+    # k mod 6 (3x faster than torch.remainder on the CPU; an ulp off at multiples of 6, where the
+    # hexagon below is 0 either way), then value - chroma * clamp(min(k, 4 - k), 0, 1) with
+    # min(k, 4 - k) = 2 - |k - 2|, in place: on the CPU each new full-size tensor costs more
+    # than its arithmetic
+    k = (k * (1 / 6)).floor_().mul_(-6).add_(k)
+    return k.sub_(2).abs_().neg_().add_(2).clamp_(0, 1).mul_(chroma).neg_().add_(value)
 
 
 def random_grayscale(images: Tensor, apply: Tensor) -> Tensor:
     """torchvision's ``rgb_to_grayscale(num_output_channels=3)`` where ``apply`` (B,) is true."""
-    return torch.where(_per_sample(apply), rgb_to_grayscale(images), images)
+    return _choose(images, rgb_to_grayscale(images), _per_sample(apply))
 
 
 def gaussian_kernel1d(sigma: Tensor, kernel_size: int) -> Tensor:
@@ -188,7 +213,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int, apply: Tensor
 
 def solarize(images: Tensor, threshold: float, apply: Tensor) -> Tensor:
     """torchvision's ``solarize`` (invert pixels >= threshold) where ``apply`` (B,) is true."""
-    return torch.where(_per_sample(apply) & (images >= threshold), 1 - images, images)
+    return _choose(images, 1 - images, _per_sample(apply) & (images >= threshold))
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -27,8 +27,9 @@ def _view_probs(values: tuple[float, ...], default: Sequence[float], key: str) -
 
 @PRESETS.register("simclr")
 def simclr(cfg: AugmentConfig) -> MultiView:
-    """SimCLR: two views from the same distribution."""
-    return MultiView([ViewPipeline(cfg), ViewPipeline(cfg)])
+    """SimCLR: two views from the same distribution (one pipeline, so both are made in one call)."""
+    pipeline = ViewPipeline(cfg)
+    return MultiView([pipeline, pipeline])
 
 
 @PRESETS.register("byol")
@@ -57,9 +58,18 @@ def multicrop(cfg: AugmentConfig) -> MultiView:
     solarize = _view_probs(cfg.view_solarize_probs, (0.0, 0.2, 0.0), "view_solarize_probs")
     global_views = [ViewPipeline(cfg, blur_prob=blur[i], solarize_prob=solarize[i]) for i in (0, 1)]
     local = ViewPipeline(
-        cfg, size=cfg.local_size, scale=cfg.local_scale, blur_prob=blur[2], solarize_prob=solarize[2], blur_kernel=0
+        cfg, size=cfg.local_size, scale=cfg.local_scale, blur_prob=blur[2], solarize_prob=solarize[2],
+        blur_kernel=local_blur_kernel(cfg),
     )
     return MultiView(global_views + [local] * cfg.local_crops)
+
+
+def local_blur_kernel(cfg: AugmentConfig) -> int:
+    """The local views' kernel: ``augment.blur_kernel`` scaled to ``local_size`` (odd, at least
+    3), or 0 (the size's default) when the recipe leaves the kernel to the view size."""
+    if not cfg.blur_kernel:
+        return 0
+    return max(3, 2 * round((cfg.blur_kernel * cfg.local_size / cfg.size - 1) / 2) + 1)
 
 
 @PRESETS.register("single")

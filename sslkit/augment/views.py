@@ -36,8 +36,9 @@ def _jitter_factor(
 
 
 def default_blur_kernel(size: int) -> int:
-    """An odd kernel side of about a tenth of the view: 3 at 32 px, 23 at 224 px (SimCLR's)."""
-    return 2 * (size // 20) + 1
+    """An odd kernel side of about a tenth of the view: 23 at 224 px (SimCLR's), 9 at 96 px, and
+    at least 3, so that a blur still blurs small views."""
+    return max(3, 2 * (size // 20) + 1)
 
 
 class ViewPipeline(nn.Module):
@@ -118,17 +119,36 @@ class ViewPipeline(nn.Module):
 
 class MultiView(nn.Module):
     """Several views of each image: one per pipeline, e.g. SimCLR's two, or DINO's two global
-    and N local crops (views of different sizes, in pipeline order)."""
+    and N local crops (views of different sizes, in pipeline order).
+
+    Consecutive entries that are the same pipeline object (DINO's local crops) run as one call
+    on the batch repeated: one set of kernel launches for all N local views instead of N.
+    """
 
     def __init__(self, pipelines: Sequence[ViewPipeline]) -> None:
         super().__init__()
         self.pipelines = nn.ModuleList(pipelines)
+        self.runs: list[tuple[int, int]] = []  # (first index, count) of each run of one pipeline object
+        for i, pipeline in enumerate(pipelines):
+            if self.runs and pipelines[self.runs[-1][0]] is pipeline:
+                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + 1)
+            else:
+                self.runs.append((i, 1))
 
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
     ) -> list[Tensor]:
         """images: uint8 (B, C, H, W) -> one float32 (B, 3, size_v, size_v) per pipeline v (``shard``: see ViewPipeline)."""
-        return [pipeline(images, generator, shard) for pipeline in self.pipelines]
+        views: list[Tensor] = []
+        for first, count in self.runs:
+            if count == 1:
+                views.append(self.pipelines[first](images, generator, shard))
+                continue
+            # image-major rows (image j's views at j * count ...), so that a process's rows are
+            # still its slice of the global batch's draws
+            out = self.pipelines[first](images.repeat_interleave(count, 0), generator, shard)  # (B * count, 3, s, s)
+            views += out.unflatten(0, (len(images), count)).unbind(1)
+        return views
 
 
 def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:

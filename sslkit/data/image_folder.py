@@ -4,6 +4,18 @@ Undecodable files (truncated, corrupt, empty, not an image) follow ``data.bad_im
 ``error`` raises a ``BadImageError`` naming the file; ``skip`` replaces the sample by the
 next decodable image in index order (deterministic, so batches keep their size and runs
 stay reproducible) and reports the file, which ``Batches`` counts and warns about once.
+
+``data.decode`` says where files become pixels. ``workers`` (the default): in the loader
+workers, as above. ``device``: JPEGs on the training device. The workers only read each
+file and check that it is a JPEG nvjpeg takes (8-bit Huffman, 1 or 3 components, ending in
+its EOI marker); the main process decodes the batch with one
+``torchvision.io.decode_jpeg(list, device=device)`` call (batched nvjpeg on CUDA,
+libjpeg-turbo on the CPU), resizes and crops on the device: no pixels cross the host. Other
+files (PNG, WebP, GIF, CMYK or arithmetic-coded or cut-short JPEG) are decoded by the
+workers as with ``workers`` and take their place in the batch. A JPEG the device decoder
+refuses is loaded again on the CPU (``ImageFolder.load``), so ``bad_images`` behaves as
+with ``workers``. It pays when the workers bound the step rate (few CPU cores per GPU); on
+the CPU it moves the decoding into the main process, which is slower.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,6 +40,10 @@ _SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageNet call
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TORCHVISION_SIGNATURES = (b"\xff\xd8\xff", b"GIF87a", b"GIF89a")  # JPEG, GIF; WebP is RIFF....WEBP
 _SKIP_HINT = "data.bad_images=skip"
+DECODE = ("workers", "device")  # the values of data.decode
+# Start-of-frame markers of the JPEGs nvjpeg decodes: baseline, extended and progressive Huffman.
+_SOF_DEVICE = (0xC0, 0xC1, 0xC2)
+_SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # lossless, hierarchical, arithmetic
 
 
 class BadImageError(ValueError):
@@ -101,13 +117,60 @@ def _decode_png(raw: np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).view(array.shape[0], array.shape[1], channels).permute(2, 0, 1)
 
 
+def check_decode(value: str) -> None:
+    if value not in DECODE:
+        raise ValueError(
+            f"data.decode must be one of {', '.join(DECODE)} (workers: decode image files in the loader "
+            f"workers; device: decode JPEG files on the training device, nvjpeg on a GPU), got {value!r}"
+        )
+
+
+def device_jpeg(raw: np.ndarray) -> bool:
+    """Whether the bytes ``raw`` look like a whole JPEG that ``decode_jpeg`` takes on any device:
+    8-bit, Huffman-coded (baseline, extended or progressive), 1 or 3 components and not
+    Adobe-transformed (CMYK, YCCK, RGB), ending in its EOI marker (a cut-short file does not).
+    It reads the markers before the first frame header only: microseconds, no decoding."""
+    n = raw.size
+    if n < 8 or raw[0] != 0xFF or raw[1] != 0xD8 or raw[n - 2] != 0xFF or raw[n - 1] != 0xD9:
+        return False
+    data = memoryview(raw)
+    pos = 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF_DEVICE:
+            if pos + 10 > n:
+                return False
+            precision, components = data[pos + 4], data[pos + 9]
+            height, width = (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+            if components == 3 and pos + 17 <= n and bytes(data[pos + 10 : pos + 17 : 3]) == b"RGB":
+                return False  # component ids R, G, B: an RGB (not YCbCr) JPEG
+            return precision == 8 and components in (1, 3) and height > 0 and width > 0
+        if marker in _SOF_OTHER or marker in (0xD9, 0xDA) or length < 2:  # no frame we take, or damaged
+            return False
+        if marker == 0xEE and bytes(data[pos + 4 : pos + 9]) == b"Adobe":  # a colour transform flag
+            return False
+        pos += 2 + length
+    return False
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Image files as ``(uint8 (C, S, S), label)`` items; build one with ``ImageFolder.scan``.
 
     Each image is decoded (RGB, or grayscale with ``channels=1``, whatever the file's own
     mode), its shorter side resized to ``image_size`` (antialiased) and centre-cropped to a
     square. ``bad_images`` ("error" | "skip") says what an undecodable file does; see
-    ``load``.
+    ``load``. ``decode`` ("workers" | "device") is where ``Batches`` decodes JPEG files: items
+    (``[i]``, ``load``) are decoded here either way; with "device" a batch is ``read`` by
+    the workers and decoded by ``decode_jpegs`` (see the module docstring).
     """
 
     def __init__(
@@ -118,8 +181,10 @@ class ImageFolder(torch.utils.data.Dataset):
         image_size: int,
         channels: int = 3,
         bad_images: str = "error",
+        decode: str = "workers",
     ) -> None:
         check_bad_images(bad_images)
+        check_decode(decode)
         # A numpy string array, not a list of str: forked workers reading Python objects
         # touch their refcounts and copy the pages, growing memory by the list's size each.
         self.paths = paths  # (N,) str
@@ -128,11 +193,15 @@ class ImageFolder(torch.utils.data.Dataset):
         self.image_size = image_size
         self.channels = channels
         self.bad_images = bad_images
+        self.decode = decode
 
     @classmethod
-    def scan(cls, folder: Path, image_size: int, channels: int = 3, bad_images: str = "error") -> ImageFolder:
+    def scan(
+        cls, folder: Path, image_size: int, channels: int = 3, bad_images: str = "error", decode: str = "workers"
+    ) -> ImageFolder:
         """``folder/<class>/**/*.jpg|jpeg|png|webp``; classes are the sorted subfolder names."""
         check_bad_images(bad_images)
+        check_decode(decode)
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         paths: list[str] = []
         labels: list[int] = []
@@ -144,7 +213,8 @@ class ImageFolder(torch.utils.data.Dataset):
             labels += [label] * len(found)
         if not paths:
             raise ValueError(_no_images_message(folder, classes))
-        return cls(np.array(paths), torch.tensor(labels, dtype=torch.int64), classes, image_size, channels, bad_images)
+        targets = torch.tensor(labels, dtype=torch.int64)
+        return cls(np.array(paths), targets, classes, image_size, channels, bad_images, decode)
 
     @property
     def num_classes(self) -> int:
@@ -153,11 +223,14 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _fit(self, image: torch.Tensor) -> torch.Tensor:
+        """``(..., C, H, W)`` -> ``(..., C, S, S)``: shorter side to S (antialiased), centre crop."""
+        image = TF.resize(image, self.image_size, antialias=True)
+        return TF.center_crop(image, [self.image_size, self.image_size])
+
     def _decode(self, index: int) -> torch.Tensor:
         image = decode_image_file(str(self.paths[index]), self.channels)  # (C, H, W)
-        image = TF.resize(image, self.image_size, antialias=True)  # shorter side -> S
-        image = TF.center_crop(image, [self.image_size, self.image_size])  # (C, S, S)
-        return image.contiguous()
+        return self._fit(image).contiguous()  # (C, S, S)
 
     def load(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]]]:
         """``(image, label, bad)``: ``bad`` is None, or ``(path, reason)`` when the file at
@@ -183,6 +256,55 @@ class ImageFolder(torch.utils.data.Dataset):
             f"e.g. {bad[1]}. Check that data.root points at the image files"
         )
 
+    def read(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]]]:
+        """``load`` for ``decode="device"``, run by the loader workers: ``(bytes, label, None)``,
+        the file's bytes as a uint8 ``(n,)`` tensor, when it is a JPEG that ``device_jpeg``
+        accepts; otherwise ``load(index)`` (pixels ``(C, S, S)``, or its ``BadImageError``)."""
+        try:
+            raw = np.fromfile(str(self.paths[index]), dtype=np.uint8)
+        except OSError:
+            return self.load(index)  # the error (or the skip) names the file as load says it
+        if not device_jpeg(raw):
+            return self.load(index)
+        return torch.from_numpy(raw), int(self.labels[index]), None
+
+    def decode_jpegs(
+        self, jpegs: list[torch.Tensor], indices: list[int], device: Union[str, torch.device]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int, Optional[tuple[str, str]]]]]:
+        """Decode JPEG bytes from ``read`` on ``device``: ``(images, fallbacks)``.
+
+        ``images``: one uint8 ``(C, S, S)`` on ``device`` per file, as ``load`` gives it up to
+        the decoder (nvjpeg on CUDA rounds differently from libjpeg-turbo: a grey level or
+        two). One batched ``decode_jpeg`` call; when it fails, each file alone, and a file that
+        fails alone is loaded on the CPU by ``load(indices[i])``, which applies
+        ``bad_images`` (raises its ``BadImageError``, or uses the next decodable image).
+        ``fallbacks``: ``(i, label, bad)`` for each such file, ``label`` that of the image used.
+        """
+        device = torch.device(device)
+        mode = tio.ImageReadMode.RGB if self.channels == 3 else tio.ImageReadMode.GRAY
+        try:
+            decoded: list[Optional[torch.Tensor]] = list(tio.decode_jpeg(jpegs, mode=mode, device=device))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # one bad file fails the whole call: find it
+            decoded = [_decode_jpeg_alone(jpeg, mode, device) for jpeg in jpegs]
+        images: list[Optional[torch.Tensor]] = [None] * len(jpegs)
+        sizes: dict[tuple[int, ...], list[int]] = {}  # images of one size are resized together
+        for i, image in enumerate(decoded):
+            if image is not None and image.dim() == 3 and image.shape[0] == self.channels and image.numel() > 0:
+                sizes.setdefault(tuple(image.shape), []).append(i)
+        for members in sizes.values():
+            group = _stack([decoded[i] for i in members])  # type: ignore[misc]
+            for i, image in zip(members, self._fit(group).unbind(0)):
+                images[i] = image
+        fallbacks = []
+        for i, image in enumerate(images):
+            if image is None:
+                pixels, label, bad = self.load(indices[i])
+                images[i] = pixels.to(device)
+                fallbacks.append((i, label, bad))
+        return images, fallbacks  # type: ignore[return-value]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label, bad = self.load(index)
         if bad is not None:
@@ -192,8 +314,29 @@ class ImageFolder(torch.utils.data.Dataset):
     def head(self, n: int) -> ImageFolder:
         """The first ``n`` samples (in class order, so a small ``n`` covers few classes)."""
         return ImageFolder(
-            self.paths[:n], self.labels[:n], self.classes, self.image_size, self.channels, self.bad_images
+            self.paths[:n], self.labels[:n], self.classes, self.image_size, self.channels, self.bad_images,
+            self.decode,
         )
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """``(C, H, W)`` images of one size as ``(n, C, H, W)`` in their own memory layout: libjpeg
+    gives ``(H, W, C)`` memory, which ``torch.stack`` would transpose (slow, for uint8)."""
+    if len(images) == 1:
+        return images[0][None]
+    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(images)
+
+
+def _decode_jpeg_alone(jpeg: torch.Tensor, mode: tio.ImageReadMode, device: torch.device) -> Optional[torch.Tensor]:
+    """``decode_jpeg`` of one file, None where it fails."""
+    try:
+        return tio.decode_jpeg(jpeg, mode=mode, device=device)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        return None
 
 
 def skip_message(path: str, reason: str) -> str:
@@ -230,22 +373,24 @@ def image_folder(cfg: DataConfig, split: str) -> ImageFolder:
     When ``data.root`` has none of ``train/``, ``test/``, ``val/``, it is taken as the class
     folder itself and both splits are the same images (k-NN then scores on training images).
     ``data.image_size`` is required: files differ in size, batches do not.
-    ``data.bad_images`` says what an undecodable file does (error | skip).
+    ``data.bad_images`` says what an undecodable file does (error | skip); ``data.decode``
+    where JPEG files are decoded (workers | device).
     """
     if cfg.root is None:
         raise ValueError("dataset 'image_folder' needs data.root=<folder with train/<class>/... or <class>/...>")
     if cfg.image_size is None:
         raise ValueError("dataset 'image_folder' needs data.image_size=<side in pixels> (e.g. 224)")
     check_bad_images(cfg.bad_images)
+    check_decode(cfg.decode)
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} is not a folder")
     split_dirs = [root / name for names in _SPLIT_FOLDERS.values() for name in names if (root / name).is_dir()]
     if not split_dirs:
-        return ImageFolder.scan(root, cfg.image_size, cfg.channels, cfg.bad_images)
+        return ImageFolder.scan(root, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode)
     for name in _SPLIT_FOLDERS[split]:
         if (root / name).is_dir():
-            return ImageFolder.scan(root / name, cfg.image_size, cfg.channels, cfg.bad_images)
+            return ImageFolder.scan(root / name, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode)
     raise FileNotFoundError(
         f"{root} has split folders ({', '.join(d.name for d in split_dirs)}) but none for the "
         f"{split} split: expected {' or '.join(str(root / n) for n in _SPLIT_FOLDERS[split])}"

@@ -7,6 +7,11 @@ and resuming at epoch e with ``set_epoch(e)`` replays exactly the same batches.
 Image files that do not decode (``data.bad_images``) surface here, in the main process:
 with ``error`` as one ``BadImageError`` naming the file, also from a decoding worker; with
 ``skip`` as a ``BadImageWarning`` once per file and the count ``Batches.bad_images``.
+
+An image folder with ``data.decode=device`` is decoded here too: the workers send each
+batch's JPEG files as bytes (one pinned buffer on CUDA), and the main process decodes them
+on the device with ``ImageFolder.decode_jpegs`` (nvjpeg on CUDA), the batch's other files
+coming decoded from the workers (see ``sslkit.data.image_folder``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, NamedTuple, Optional, Union
 
 import torch
 
@@ -73,15 +78,18 @@ class Batches:
         self._warned: set[str] = set()
         self.num_samples = len(data)
         self._check_not_empty()
+        self._data: Any = None  # an ImageFolder with decode="device": its decode_jpegs, here
         if isinstance(data, ImageData):
             data = data.to(self.device)  # a no-op when the caller already moved it
             self._images, self._labels = data.images, data.labels
             self._loader = None
         else:
+            encoded = getattr(data, "decode", "workers") == "device"
+            self._data = data if encoded else None
             self._loader = torch.utils.data.DataLoader(
-                _Items(data),
+                _Items(data, encoded),
                 batch_sampler=_BatchSampler(self),
-                collate_fn=_collate,
+                collate_fn=_collate_encoded if encoded else _collate,
                 num_workers=num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=num_workers > 0,  # no re-fork of the decoders every epoch
@@ -137,9 +145,13 @@ class Batches:
                         raise error
                     finally:  # no cycle error -> traceback -> this frame -> error: see _BatchSampler
                         error = None
-                images, labels, bad = batch
+                if isinstance(batch, _Encoded):
+                    images, labels, bad = self._decode(batch)
+                else:
+                    images, labels, bad = batch
+                    images = images.to(self.device, non_blocking=True)
                 self._count(bad)
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                yield images, labels.to(self.device, non_blocking=True)
             return
         batches = self.indices()
         if not batches:
@@ -148,6 +160,30 @@ class Batches:
         flat = torch.cat(batches).to(self.device)
         for idx in flat.split([len(b) for b in batches]):
             yield self._images.index_select(0, idx), self._labels.index_select(0, idx)
+
+    def _decode(self, batch: _Encoded) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+        """A ``decode="device"`` batch as ``(images (b, C, S, S) on the device, labels, skipped files)``."""
+        b = len(batch.indices)
+        labels, bad = batch.labels, list(batch.bad)
+        slots: list[Optional[torch.Tensor]] = [None] * b
+        if batch.pixels is not None:  # what the workers decoded: not JPEG, or not one for the device
+            where = set(batch.where)
+            others = [i for i in range(b) if i not in where]
+            for i, image in zip(others, batch.pixels.to(self.device, non_blocking=True).unbind(0)):
+                slots[i] = image
+        if batch.where:
+            jpegs = list(batch.jpegs.split(list(batch.sizes)))
+            images, fallbacks = self._data.decode_jpegs(jpegs, [batch.indices[i] for i in batch.where], self.device)
+            for i, image in zip(batch.where, images):
+                slots[i] = image
+            for k, label, skipped in fallbacks:  # decoded on the CPU, or replaced (bad_images=skip)
+                labels[batch.where[k]] = label
+                if skipped is not None:
+                    bad.append(skipped)
+        if b == 0:
+            return torch.empty((0, self._data.channels, self._data.image_size, self._data.image_size),
+                               dtype=torch.uint8, device=self.device), labels, bad
+        return torch.stack(slots), labels, bad  # type: ignore[arg-type]
 
     def _count(self, bad: list[tuple[str, str]]) -> None:
         self.bad_images += len(bad)
@@ -160,16 +196,20 @@ class Batches:
 class _Items(torch.utils.data.Dataset):
     """``data``'s items as ``(image, label, bad)``, ``bad`` a skipped file's ``(path, reason)``
     or None; an undecodable file under ``bad_images="error"`` comes back as its
-    ``BadImageError`` (returned, not raised, so that a worker passes on the message alone)."""
+    ``BadImageError`` (returned, not raised, so that a worker passes on the message alone).
+    ``encoded``: items from ``data.read`` (JPEG bytes or pixels) with their index appended."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, encoded: bool = False) -> None:
         self.data = data
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> Union[tuple[torch.Tensor, int, Optional[tuple[str, str]]], BadImageError]:
         try:
+            if self.encoded:
+                return (*self.data.read(index), index)
             if hasattr(self.data, "load"):
                 return self.data.load(index)
             image, label = self.data[index]
@@ -189,6 +229,49 @@ def _collate(
     images = collate([item[0] for item in items])
     labels = collate([item[1] for item in items])
     return images, labels, [item[2] for item in items if item[2] is not None]
+
+
+class _Encoded(NamedTuple):
+    """A batch of a ``decode="device"`` image folder, as the workers send it (the DataLoader
+    pins its tensors on CUDA)."""
+
+    jpegs: Optional[torch.Tensor]  # (total bytes,) uint8: the batch's JPEG files end to end
+    sizes: tuple[int, ...]  # bytes of each JPEG file
+    where: tuple[int, ...]  # batch position of each JPEG file
+    pixels: Optional[torch.Tensor]  # (b - len(where), C, S, S) uint8: the other positions, decoded
+    labels: torch.Tensor  # (b,) int64
+    bad: list[tuple[str, str]]  # files skipped by the workers
+    indices: tuple[int, ...]  # (b,) dataset indices, for ImageFolder.load of a file the device refuses
+
+
+def _collate_encoded(items: list[Any]) -> Union[_Encoded, BadImageError]:
+    """``_Encoded`` from ``_Items(data, encoded=True)``; or the batch's first error."""
+    for item in items:
+        if isinstance(item, BadImageError):
+            return item
+    where = tuple(i for i, item in enumerate(items) if item[0].dim() == 1)
+    others = [item[0] for item in items if item[0].dim() != 1]
+    jpegs = [items[i][0] for i in where]
+    return _Encoded(
+        jpegs=_concat(jpegs) if jpegs else None,
+        sizes=tuple(len(jpeg) for jpeg in jpegs),
+        where=where,
+        pixels=torch.utils.data.default_collate(others) if others else None,
+        labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
+        bad=[item[2] for item in items if item[2] is not None],
+        indices=tuple(item[3] for item in items),
+    )
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of 1-D tensors, into shared memory in a worker (as ``default_collate``
+    stacks), so that the batch reaches the main process without another copy."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        numel = sum(t.numel() for t in tensors)
+        storage = tensors[0]._typed_storage()._new_shared(numel, device=tensors[0].device)
+        out = tensors[0].new(storage).resize_(numel)
+    return torch.cat(tensors, out=out)
 
 
 class _BatchSampler:
@@ -234,7 +317,9 @@ def make_batches(
     An ``ImageData`` is moved to ``device`` once (pass ``data.to(device)`` to several calls to
     share one copy) and batches are device-side indexing; ``num_workers`` is unused for it.
     A map-style dataset goes through a DataLoader with ``num_workers`` decoding workers,
-    pinned memory on CUDA and non-blocking copies. See ``Batches`` for the order.
+    pinned memory on CUDA and non-blocking copies; an image folder with ``decode="device"``
+    has its JPEG files decoded on ``device`` instead (see the module docstring). See
+    ``Batches`` for the order.
     """
     return Batches(
         data,

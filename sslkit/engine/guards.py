@@ -18,15 +18,27 @@ class NonFiniteError(RuntimeError):
     """Too many optimiser steps in a row had a NaN or Inf loss or gradient."""
 
 
-def grads_finite(loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter]) -> bool:
-    """Whether ``loss`` and every gradient are finite: one reduction, one host read."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-    return bool(torch.isfinite(loss + total))
+def nonfinite_gradients(parameters: Iterable[torch.nn.Parameter], norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 0-d float tensor on the device: 1 when a gradient holds a NaN or Inf, else 0; no host read.
+
+    ``norm``: the total gradient norm when already computed (gradient clipping returns it).
+    Gradients are synchronised across processes, so every process gets the same flag.
+    """
+    if norm is None:
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            raise ValueError("no parameter has a gradient: nothing to check or to optimise")
+        norm = torch.nn.utils.get_total_norm(grads)
+    return (~torch.isfinite(norm)).float()
 
 
 class NonFiniteGuard:
-    """Counts skipped steps; ``max_in_a_row`` consecutive ones raise ``NonFiniteError`` (0: never)."""
+    """Counts skipped steps; ``max_in_a_row`` consecutive ones raise ``NonFiniteError`` (0: never).
+
+    The loop ``record``s each step's skip flag, a device tensor, and ``check``s them in one host
+    read when it reads anyway (logging) and before anything is saved, so a bad step costs no
+    extra synchronisation and no checkpoint is written after the first bad step of a failing run.
+    """
 
     def __init__(self, max_in_a_row: int, precision: str, ckpt_root: Path) -> None:
         self.max_in_a_row = max_in_a_row
@@ -34,15 +46,32 @@ class NonFiniteGuard:
         self.ckpt_root = ckpt_root
         self.total = 0  # skipped steps in this process's run
         self.in_a_row = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 0-d skip flag) not read yet
 
-    def update(self, skipped: bool, step: int) -> None:
+    def record(self, step: int, skipped: torch.Tensor) -> None:
+        """Step ``step``'s flag (1: skipped), kept on the device until ``check``."""
+        self._pending.append((step, skipped))
+
+    def check(self, on_skip: Callable[[int, int], None]) -> None:
+        """Read the recorded flags; calls ``on_skip(step, total)`` for each skipped step, in order."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        flags = torch.stack([flag for _, flag in self._pending]).tolist()
+        self._pending = []
+        for step, flag in zip(steps, flags):
+            if flag:
+                on_skip(step, self.total + 1)
+            self._update(bool(flag), step)
+
+    def _update(self, skipped: bool, step: int) -> None:
         if not skipped:
             self.in_a_row = 0
             return
         self.total += 1
         self.in_a_row += 1
         warnings.warn(f"step {step}: non-finite loss or gradient, step skipped "
-                      f"({self.in_a_row} in a row, {self.total} in all)", RuntimeWarning, stacklevel=2)
+                      f"({self.in_a_row} in a row, {self.total} in all)", RuntimeWarning, stacklevel=3)
         if self.in_a_row >= self.max_in_a_row > 0:
             causes = ["a learning rate too high for this batch size (lower optim.lr or raise optim.warmup_epochs)",
                       "exploding gradients (set optim.clip_grad_norm, e.g. 3.0)"]

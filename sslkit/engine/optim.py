@@ -1,15 +1,20 @@
-"""Optimisers by name and the warm-up + cosine learning-rate schedule."""
+"""Optimisers by name and the warm-up + cosine learning-rate schedule.
+
+All three optimisers step without host-device synchronisation and can skip a step on the device
+(``found_inf``, see ``step_unless_found_inf``): ``sgd`` and ``adamw`` are torch's fused kernels,
+``lars`` is sslkit's foreach LARS.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from lightly.utils.lars import LARS
-from torch import nn
+from torch import Tensor, nn
 
 from sslkit.config import OptimConfig
+from sslkit.engine.lars import LARS
 from sslkit.registry import Registry
 
 OPTIMIZERS: Registry[Callable[[list[dict], OptimConfig, float], torch.optim.Optimizer]] = Registry("optimizer")
@@ -17,18 +22,68 @@ OPTIMIZERS: Registry[Callable[[list[dict], OptimConfig, float], torch.optim.Opti
 
 @OPTIMIZERS.register("sgd")
 def _sgd(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    sgd = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+    sgd.register_step_pre_hook(_zero_momentum_buffers)
+    return sgd
+
+
+def _zero_momentum_buffers(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step pre-hook: a zero momentum buffer for each parameter about to be stepped that has none.
+
+    Fused SGD starts its buffers as ``torch.empty_like(grad)`` and fills them in its first
+    step's kernel; when that step is skipped (``found_inf``) they stay uninitialised and the next
+    step uses them (torch 2.14, CPU and CUDA kernels alike: nan or ~1e9 in the weights). A zero
+    buffer gives the same first step, ``buf = momentum * 0 + g`` (dampening is 0; nesterov's
+    ``g + momentum * buf`` follows). Created at the step rather than at construction, so it
+    lands on the device the parameter is on by then, also after ``load_state_dict``.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] != 0:
+            for p in group["params"]:
+                if p.grad is not None and "momentum_buffer" not in optimizer.state[p]:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)  # as fused: grad's layout
 
 
 @OPTIMIZERS.register("lars")
 def _lars(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    # lightly's LARS leaves groups with weight_decay=0 (biases, norms) unscaled, as SimCLR does.
+    # Groups with weight_decay=0 (biases, norms) are left unscaled, as in SimCLR and lightly's LARS.
     return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.lars_trust_coefficient)
 
 
 @OPTIMIZERS.register("adamw")
 def _adamw(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+    # A skipped first step leaves its state alone (step 0, zero moments), unlike fused SGD's.
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)
+
+
+def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser, also inside accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def supports_found_inf(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (or the one accelerate wraps) skips a step on the device when its
+    ``found_inf`` is set, as torch's fused optimisers and sslkit's LARS do."""
+    return bool(getattr(_unwrapped(optimizer), "_step_supports_amp_scaling", False))
+
+
+def step_unless_found_inf(optimizer: Any, found_inf: Tensor) -> None:
+    """``optimizer.step()``, which changes nothing when ``found_inf`` (0-d float tensor on the
+    parameters' device, 0 or 1) is 1: decided on the device, no host read.
+
+    Sets ``found_inf`` on the underlying optimiser for the step and removes it afterwards, as
+    ``torch.amp.GradScaler.step`` does (a GradScaler inside accelerate's optimiser, fp16, sets
+    its own ``found_inf`` instead). ``grad_scale`` is left alone.
+    """
+    inner = _unwrapped(optimizer)
+    if not supports_found_inf(inner):
+        raise TypeError(f"{type(inner).__name__} cannot skip a step on the device (no _step_supports_amp_scaling)")
+    inner.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        if hasattr(inner, "found_inf"):  # a GradScaler stepping it has deleted it already
+            del inner.found_inf
 
 
 def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:

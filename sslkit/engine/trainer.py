@@ -24,8 +24,9 @@ from sslkit.augment import create_augment
 from sslkit.config import Config, TrainConfig, save_config
 from sslkit.data import ImageData, load_dataset, make_batches
 from sslkit.engine.checkpoint import export_backbone, last_checkpoint, save_checkpoint
-from sslkit.engine.guards import NonFiniteGuard, grads_finite, sigterm_flag
-from sslkit.engine.optim import create_optimizer, create_scheduler
+from sslkit.engine.compile import compile_networks
+from sslkit.engine.guards import NonFiniteGuard, nonfinite_gradients, sigterm_flag
+from sslkit.engine.optim import create_optimizer, create_scheduler, step_unless_found_inf, supports_found_inf
 from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
 from sslkit.eval import CollapseMonitor, KNNMonitor
 from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
@@ -89,26 +90,41 @@ def knn_monitor(cfg: Config, accelerator: Accelerator, bank: Any = None) -> KNNM
     )
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> bool:
+    """Whether a step is skipped on the device (``found_inf``) rather than after reading ``flag``:
+    on an accelerator, where the optimiser can. On the CPU the read is free (its ops have run)
+    and not stepping at all beats a masked step."""
+    return flag.device.type != "cpu" and supports_found_inf(optimizer)
+
+
 def optimizer_step(
-    cfg: Config, accelerator: Accelerator, model: torch.nn.Module, method: Method,
-    optimizer: torch.optim.Optimizer, step_loss: torch.Tensor,
-) -> bool:
-    """Clip, let the method adjust the gradients, step and update its momentum encoder; returns
-    whether the step was skipped because the loss or a gradient was not finite."""
+    cfg: Config, accelerator: Accelerator, model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer,
+) -> torch.Tensor:
+    """Clip, let the method adjust the gradients, step and update its momentum encoder.
+
+    Returns a 0-d float tensor on the device, 1 where the step was skipped because a gradient was
+    not finite, without reading it on an accelerator: the optimiser skips on the device
+    (``found_inf``, as under a grad scaler) and the momentum update is scaled by ``1 - skipped``.
+    """
+    norm = None
     if cfg.optim.clip_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
     method.before_optimizer_step()
-    # fp16's GradScaler skips overflowing steps itself (and must see them to lower its scale);
-    # otherwise check here. Gradients are synchronised, so every process decides alike.
-    scaler_skips = cfg.train.precision == "fp16"
-    skipped = (cfg.train.max_nonfinite_steps > 0 and not scaler_skips
-               and not grads_finite(step_loss, model.parameters()))
-    if not skipped:
+    if cfg.train.max_nonfinite_steps <= 0:
         optimizer.step()
-        skipped = scaler_skips and optimizer.step_was_skipped
+        skipped = torch.zeros((), device=accelerator.device)
+    else:
+        skipped = nonfinite_gradients(model.parameters(), norm)
+        if cfg.train.precision == "fp16":
+            # fp16's GradScaler skips overflowing steps itself (and must see them to lower its
+            # scale); the flag above, on the scaled gradients, is its own test.
+            optimizer.step()
+        elif skips_on_device(optimizer, skipped):
+            step_unless_found_inf(optimizer, skipped)
+        elif not skipped.item():
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not skipped:
-        method.after_optimizer_step()
+    method.after_optimizer_step(1 - skipped)
     return skipped
 
 
@@ -139,6 +155,7 @@ def train(cfg: Config) -> dict[str, float]:
     if cfg.model.sync_batchnorm:  # the same weights and keys; statistics over the global batch
         method = convert_sync_batchnorm(method)
     method = method.to(device)
+    compiled = cfg.train.compile and compile_networks(method.compile_targets(), device)
     augment = create_augment(cfg.augment).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     method.generator, method.shard = generator, (rank, world)
@@ -177,20 +194,27 @@ def train(cfg: Config) -> dict[str, float]:
         log.write(step=state.step, epoch=state.epoch, **scores)
         accelerator.print(f"k-NN {label}: top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
 
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, ckpt_root)
+
+    def check_nonfinite() -> None:
+        """Read the skip flags of the steps since the last check (raises after too many in a row)."""
+        guard.check(lambda step, total: log.write(step=step, epoch=(step - 1) // steps_per_epoch,
+                                                  event="nonfinite_step", nonfinite_steps=total))
+
     def checkpoint(tag: str) -> None:
+        check_nonfinite()  # nothing is saved after the first bad step of a run that fails
         save_checkpoint(accelerator, cfg, ckpt_root, tag, cfg.train.keep_checkpoints)
 
     if knn is not None and cfg.eval.at_start and state.step == 0:
         evaluate("untrained network")
     log.write(step=state.step, epoch=state.epoch, event="resume" if cfg.resume else "start", world_size=world,
-              total_steps=total_steps, batch_size=cfg.train.batch_size)
+              total_steps=total_steps, batch_size=cfg.train.batch_size, compiled=compiled)
 
     bar = tqdm(total=total_steps * cfg.train.batch_size, initial=state.step * cfg.train.batch_size,
                unit="img", unit_scale=True, dynamic_ncols=True,
                disable=not (cfg.train.progress and accelerator.is_main_process))
     channels_last = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     collapse = CollapseMonitor()
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, ckpt_root)
     online = torch.zeros(2, device=device)  # online-probe hits and samples since the last log
     bad_before = 0  # batches.bad_images at the start of the epoch
     window_start, window_step = time.perf_counter(), state.step
@@ -221,23 +245,22 @@ def train(cfg: Config) -> dict[str, float]:
                     if "online_correct" in out:
                         online[0] += out["online_correct"]
                         online[1] += len(labels)
-                skipped = optimizer_step(cfg, accelerator, model, method, optimizer, step_loss)
+                skipped = optimizer_step(cfg, accelerator, model, method, optimizer)
                 scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
                 state.step += 1
                 bar.update(cfg.train.batch_size)
-                if skipped:
-                    log.write(step=state.step, epoch=epoch, event="nonfinite_step", nonfinite_steps=guard.total + 1)
-                guard.update(skipped, state.step)
+                guard.record(state.step, skipped)
 
                 if cfg.eval.collapse_every_steps and state.step % cfg.eval.collapse_every_steps == 0:
                     stats = collapse(out["features"])  # this process's last micro-batch
                     log.write(step=state.step, epoch=epoch, **stats)
                 stop = sigterm() if world == 1 else False
                 if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
-                    # One host read every log_every_steps (besides the non-finite check's one per
-                    # step). SIGTERM is agreed on here under several processes.
+                    # The hot path's only host reads, every log_every_steps: loss, probe, the steps'
+                    # non-finite flags. SIGTERM is agreed on here under several processes.
                     flag = torch.tensor([float(sigterm())], device=device)
                     reduced = accelerator.reduce(torch.cat([step_loss[None], online, flag]), "sum").tolist()
+                    check_nonfinite()
                     loss, correct, seen, terminated = reduced
                     stop = stop or terminated > 0
                     online.zero_()

@@ -33,8 +33,9 @@ def extract_features(
         gather: True: every rank gets the features of every shard; False: its own only.
 
     Returns:
-        features (N, D) float32 on the CPU and labels (N,) int64 on the CPU, in matching
-        order; with ``gather`` every sample of every shard appears exactly once.
+        features (N, D) float32 and labels (N,) int64, on the batches' device (k-NN and
+        linear probes run there: no round trip through the host), in matching order; with
+        ``gather`` every sample of every shard appears exactly once.
     """
     if accelerator is not None:
         # A DDP wrapper may run collectives in forward; ranks whose shards differ by one
@@ -60,7 +61,7 @@ def extract_features(
     targets = torch.cat(labels)  # (n,)
     if gather and accelerator is not None and accelerator.num_processes > 1:
         features, targets = _gather_uneven(accelerator, features, targets)
-    return features.cpu(), targets.cpu()
+    return features, targets
 
 
 def _gather_uneven(

@@ -6,17 +6,26 @@ ICML 2020, https://arxiv.org/abs/2002.05709.
 
 from __future__ import annotations
 
-from lightly.loss import NTXentLoss as _LightlyNTXentLoss
+import torch
+import torch.nn.functional as F
+from lightly.utils import dist
+from torch import Tensor, nn
 
 
-class NTXentLoss(_LightlyNTXentLoss):
+class NTXentLoss(nn.Module):
     """NT-Xent over two batches of projections: each sample's positive is its other view,
     the negatives are all other 2N - 2 samples (2 * world_size * N - 2 with gathering).
 
-    lightly's implementation, kept because it is right: with ``gather_distributed=True`` the
-    projections of every process are all-gathered with a backward that sums the gradients of
-    every process's loss, so that under DDP's gradient averaging a step with P processes of
-    batch N equals one process with batch P * N (``tests/test_distributed.py`` checks it).
+    The same loss as lightly's ``NTXentLoss`` (``tests/test_losses.py`` compares them), computed
+    without a host-device synchronisation: lightly removes each anchor's similarity with itself
+    by boolean-mask indexing, whose output size the GPU must report back to the host every step,
+    and builds its distributed mask on the CPU. Here one (2N, 2M) similarity matrix gets
+    ``-inf`` on those entries instead, which removes them from the softmax alike.
+
+    With ``gather_distributed=True`` the projections of every process are all-gathered with
+    lightly's gather, whose backward sums the gradients of every process's loss, so that under
+    DDP's gradient averaging a step with P processes of batch N equals one process with batch
+    P * N (``tests/test_distributed.py`` checks it).
 
     Args:
         temperature: scale of the cosine similarities, 0.5 in lightly's CIFAR-10 benchmark,
@@ -37,4 +46,27 @@ class NTXentLoss(_LightlyNTXentLoss):
     """
 
     def __init__(self, temperature: float = 0.5, gather_distributed: bool = False) -> None:
-        super().__init__(temperature=temperature, gather_distributed=gather_distributed)
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"NTXentLoss needs temperature > 0, got {temperature}")
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        n = out0.shape[0]
+        z = F.normalize(torch.cat([out0, out1]), dim=1)  # (2N, D): this process's anchors
+        if self.gather_distributed and dist.world_size() > 1:
+            rank, world = dist.rank(), dist.world_size()
+            z0_all = torch.cat(dist.gather(z[:n]))  # (M, D), M = world * N, rank-major
+            z1_all = torch.cat(dist.gather(z[n:]))
+            candidates = torch.cat([z0_all, z1_all])  # (2M, D)
+        else:
+            rank, world = 0, 1
+            candidates = z
+        m = n * world
+        logits = z @ candidates.T / self.temperature  # (2N, 2M)
+        own = torch.arange(n, device=z.device) + rank * n  # (N,): our samples' global indices
+        self_col = torch.cat([own, own + m])  # (2N,): each anchor's own column
+        positive = torch.cat([own + m, own])  # (2N,): its other view's column
+        logits = logits.scatter(1, self_col[:, None], float("-inf"))
+        return F.cross_entropy(logits, positive)

@@ -69,12 +69,19 @@ class Method(nn.Module):
         """The network whose features k-NN evaluates (a momentum method returns its teacher)."""
         return self.backbone
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The networks ``train.compile`` compiles: those that do most of the step's work."""
+        return [self.backbone]
+
     def before_optimizer_step(self) -> None:
         """Called when the gradients of a step are complete, before the optimiser uses them
         (DINO drops its last layer's gradients here during the first epoch)."""
 
-    def after_optimizer_step(self) -> None:
-        """Called after every optimiser step (momentum encoders update here)."""
+    def after_optimizer_step(self, applied: torch.Tensor) -> None:
+        """Called after every optimiser step (momentum encoders update here). ``applied`` is a
+        0-d float tensor on the device: 1 when the step was applied, 0 when it was skipped for
+        non-finite gradients. It stays on the device so that the step needs no host read:
+        multiply an update by it rather than branch on it."""
 
 
 METHODS: Registry[Callable[..., Method]] = Registry("method")

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from lightly.models import utils as lightly_utils
+from torch import nn
 
 from sslkit.config import Config
 from sslkit.losses import MAELoss
@@ -38,6 +39,10 @@ class MAE(Method):
             m.decoder_heads, num_prefix_tokens=vit.num_prefix_tokens,
         )
         self.criterion = MAELoss(m.norm_pix_loss)
+
+    def compile_targets(self) -> list[nn.Module]:
+        # the encoder runs through encode_visible, not the backbone's forward: compile its blocks
+        return [self.backbone.blocks, self.decoder]
 
     def ssl_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         (images,) = views  # (B, 3, H, W): MAE takes one view (augment.preset=single)

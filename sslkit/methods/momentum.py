@@ -33,8 +33,11 @@ class MomentumMethod(Method):
         m = self.cfg.method
         return cosine_momentum(self.step, self.total_steps, m.momentum_base, m.momentum_end)
 
-    def after_optimizer_step(self) -> None:
-        self.teacher.update(self.student(), self.momentum())
+    def compile_targets(self) -> list[nn.Module]:
+        return [self.backbone, self.teacher.module[0]]
+
+    def after_optimizer_step(self, applied: torch.Tensor) -> None:
+        self.teacher.update(self.student(), self.momentum(), applied)
 
 
 class PredictorMethod(MomentumMethod):

@@ -51,10 +51,12 @@ class MomentumEncoder(nn.Module):
         return self.module(*args, **kwargs)
 
     @torch.no_grad()
-    def update(self, module: nn.Module, momentum: float) -> None:
-        """EMA step towards ``module`` (the same architecture as the copy)."""
+    def update(self, module: nn.Module, momentum: float, applied: torch.Tensor | None = None) -> None:
+        """EMA step towards ``module`` (the same architecture as the copy). ``applied``: a 0-d
+        tensor that scales the step (0 leaves the copy as it is) without a host read."""
         ema = list(self.module.parameters())
         online = list(module.parameters())
         if len(ema) != len(online):
             raise ValueError("MomentumEncoder.update needs the module it was copied from")
-        torch._foreach_lerp_(ema, online, 1.0 - momentum)
+        weight = 1.0 - momentum if applied is None else (1.0 - momentum) * applied
+        torch._foreach_lerp_(ema, online, weight)

@@ -1,0 +1,58 @@
+"""benchmarks/throughput.py end to end, at its ``--smoke`` size (tiny models, 1-step windows).
+
+It runs as a user runs it, in its own process, and must report every measurement of every
+setting: (a) sslkit's trainer, (b) the compute bound, (c) lightly's pipeline (lightly is a
+dependency, so (c) is never skipped here), augmentation alone, and the ratios between them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ("resnet18", "resnet50", "dino")
+
+pytestmark = pytest.mark.slow
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_throughput_smoke_reports_every_measurement(tmp_path: Path) -> None:
+    report_path = tmp_path / "throughput.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--json", str(report_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["complete"] and report["mode"] == "smoke" and report["device_type"] in ("cpu", "cuda")
+    assert list(report["settings"]) == list(SETTINGS)
+    for key, r in report["settings"].items():
+        for mode in "abc":
+            assert r[mode]["error"] is None, (key, mode, r[mode]["error"])
+            assert positive(r[mode]["img_per_s"]), (key, mode, r[mode])
+        for name in ("a/b", "a/c"):
+            assert positive(r[name]), (key, name, r[name])
+        aug = r["aug"]
+        assert aug["error"] is None and all(positive(aug[k]) for k in ("sslkit_img_per_s", "lightly_img_per_s",
+                                                                         "ratio")), (key, aug)
+    # The printed summary has a row per setting with the three rates and both ratios, and the
+    # target lines of this device.
+    rows = {cells[0]: cells for cells in map(str.split, proc.stdout.splitlines()) if cells and cells[0] in SETTINGS}
+    assert set(rows) == set(SETTINGS), proc.stdout
+    for key, cells in rows.items():
+        assert all(positive(float(c.replace(",", ""))) for c in cells[1:6]), cells
+    targets = report["targets"]
+    assert targets and all(t["setting"] in SETTINGS and isinstance(t["pass"], bool) for t in targets)
+    assert sum(line.startswith(("PASS", "FAIL")) for line in proc.stdout.splitlines()) == len(targets)
+    assert "wall time" in proc.stdout and report["torch"] in proc.stdout
