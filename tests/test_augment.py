@@ -293,7 +293,7 @@ def test_same_seed_same_views_different_seed_different_views() -> None:
     assert not torch.allclose(first[0], first[1])  # the two views of a batch differ
 
 
-@pytest.mark.parametrize("preset", ["simclr", "multicrop"])
+@pytest.mark.parametrize("preset", ["simclr", "byol", "multicrop"])
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sharded_views_equal_the_global_batch(world_size: int, preset: str) -> None:
     """Each process's views of its rows equal the rows of the one-process views of the whole batch
@@ -306,6 +306,21 @@ def test_sharded_views_equal_the_global_batch(world_size: int, preset: str) -> N
         for w, m in zip(whole, mine):
             assert torch.allclose(w[rank * 8 : (rank + 1) * 8], m, atol=1e-6)
     assert not torch.allclose(views(images[:8], _gen(3))[0], whole[0][:8])  # shard matters
+
+
+def test_several_views_in_one_call_keep_their_own_probabilities() -> None:
+    """View 0 always blurred and never solarised, view 1 the other way round, in one call."""
+    cfg = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_sigma=(2.0, 2.0))
+    pipeline = ViewPipeline(cfg, normalize=False)
+    images = _uint8(8, 3, 20, 20)
+    blurred, solarised = pipeline.several(images, [(1.0, 0.0), (0.0, 1.0)], _gen(1))
+    plain, solarised_again = pipeline.several(images, [(0.0, 0.0), (0.0, 1.0)], _gen(1))
+    assert torch.equal(solarised, solarised_again)  # the same crops, no blur on view 1
+    assert solarised.max() <= 0.5 < blurred.max()  # solarising inverts every value above 0.5
+    assert not torch.allclose(blurred, plain)
+    # a blur smooths: neighbouring pixels differ less
+    assert (blurred.diff(dim=-1).abs().mean() < 0.5 * plain.diff(dim=-1).abs().mean())
+    assert len(create_augment(AugmentConfig(preset="byol")).runs) == 1  # BYOL's two views: one call
 
 
 def test_presets_and_overrides() -> None:

@@ -27,9 +27,8 @@ def _view_probs(values: tuple[float, ...], default: Sequence[float], key: str) -
 
 @PRESETS.register("simclr")
 def simclr(cfg: AugmentConfig) -> MultiView:
-    """SimCLR: two views from the same distribution (one pipeline, so both are made in one call)."""
-    pipeline = ViewPipeline(cfg)
-    return MultiView([pipeline, pipeline])
+    """SimCLR: two views from the same distribution."""
+    return MultiView([ViewPipeline(cfg), ViewPipeline(cfg)])
 
 
 @PRESETS.register("byol")

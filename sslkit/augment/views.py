@@ -13,9 +13,17 @@ from sslkit.augment import ops
 from sslkit.config import AugmentConfig
 
 
-def _coin(batch: int, prob: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """(B,) bool, each true with probability ``prob``."""
+def _coin(batch: int, prob: float | Tensor, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(B,) bool, each true with probability ``prob`` (a float, or one per sample)."""
     return torch.rand(batch, generator=generator, device=device) < prob
+
+
+def _per_view(probs: Sequence[float], n: int, views: int, device: torch.device) -> float | Tensor:
+    """The probability of each of n image-major rows of ``views`` views: a float when all
+    views share it, else (n,) (a cached constant: no host-to-device copy per call)."""
+    if len(set(probs)) == 1:
+        return probs[0]
+    return ops._constant(tuple(probs), device, torch.float32).repeat(n // views)
 
 
 def _uniform(
@@ -73,11 +81,32 @@ class ViewPipeline(nn.Module):
         world_size x B images and this process applies rows rank x B to (rank + 1) x B, so a
         step's views do not depend on how its global batch is split over processes.
         """
+        return self.several(images, [(self.cfg.blur_prob, self.cfg.solarize_prob)], generator, shard)[0]
+
+    def batch_key(self) -> tuple[AugmentConfig, int, bool]:
+        """Pipelines with equal keys differ at most in their blur and solarisation probabilities,
+        so that ``several`` makes their views in one call."""
+        return dataclasses.replace(self.cfg, blur_prob=0.0, solarize_prob=0.0), self.blur_kernel, self.normalize
+
+    def several(
+        self, images: Tensor, probs: Sequence[tuple[float, float]], generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> list[Tensor]:
+        """V views of each image in one call, view v blurred with probability ``probs[v][0]`` and
+        solarised with ``probs[v][1]``, otherwise as ``forward``: V float32 (B, 3, S, S).
+
+        The batch is repeated image-major (image j's views in rows j * V to j * V + V - 1), so
+        that a process's rows are still its slice of the global batch's draws (``shard``).
+        """
         cfg = self.cfg
+        views = len(probs)
+        if views > 1:
+            images = images.repeat_interleave(views, 0)  # (B * V, C, H, W)
         batch, channels, height, width = images.shape
         device = images.device
         rank, world_size = shard
         n, rows = batch * world_size, slice(rank * batch, (rank + 1) * batch)  # draws, and ours
+        blur_prob, solarize_prob = (_per_view(p, n, views, device) for p in zip(*probs))  # (n,) or float each
 
         boxes = ops.sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, generator, device)[rows]
         flip = _coin(n, cfg.hflip_prob, generator, device)[rows]
@@ -91,15 +120,15 @@ class ViewPipeline(nn.Module):
             x = x / 255
         if cfg.gray_prob > 0:
             x = ops.random_grayscale(x, _coin(n, cfg.gray_prob, generator, device)[rows])
-        if cfg.blur_prob > 0:
-            blur = _coin(n, cfg.blur_prob, generator, device)[rows]
+        if any(p > 0 for p, _ in probs):
+            blur = _coin(n, blur_prob, generator, device)[rows]
             sigma = _uniform(n, cfg.blur_sigma[0], cfg.blur_sigma[1], generator, device)[rows]
             x = ops.gaussian_blur(x, sigma, self.blur_kernel, blur)
-        if cfg.solarize_prob > 0:
-            x = ops.solarize(x, 0.5, _coin(n, cfg.solarize_prob, generator, device)[rows])
+        if any(p > 0 for _, p in probs):
+            x = ops.solarize(x, 0.5, _coin(n, solarize_prob, generator, device)[rows])
         if self.normalize:
             x = ops.normalize(x, cfg.mean, cfg.std)
-        return x
+        return list(x.unflatten(0, (-1, views)).unbind(1)) if views > 1 else [x]
 
     def _color_jitter(self, x: Tensor, generator: torch.Generator | None, n: int, rows: slice) -> Tensor:
         """x: (B, 3, S, S) in [0, 255] -> jittered, in [0, 1]; factors drawn for n samples, ``rows`` used."""
@@ -121,33 +150,29 @@ class MultiView(nn.Module):
     """Several views of each image: one per pipeline, e.g. SimCLR's two, or DINO's two global
     and N local crops (views of different sizes, in pipeline order).
 
-    Consecutive entries that are the same pipeline object (DINO's local crops) run as one call
-    on the batch repeated: one set of kernel launches for all N local views instead of N.
+    Consecutive pipelines that differ at most in blur and solarisation probability (SimCLR's
+    and BYOL's two views, DINO's two global and its N local views) run as one call on the
+    repeated batch (``ViewPipeline.several``): one set of kernel launches instead of one per view.
     """
 
     def __init__(self, pipelines: Sequence[ViewPipeline]) -> None:
         super().__init__()
         self.pipelines = nn.ModuleList(pipelines)
-        self.runs: list[tuple[int, int]] = []  # (first index, count) of each run of one pipeline object
-        for i, pipeline in enumerate(pipelines):
-            if self.runs and pipelines[self.runs[-1][0]] is pipeline:
-                self.runs[-1] = (self.runs[-1][0], self.runs[-1][1] + 1)
+        self.runs: list[list[ViewPipeline]] = []  # consecutive pipelines of one batch_key
+        for pipeline in pipelines:
+            if self.runs and self.runs[-1][0].batch_key() == pipeline.batch_key():
+                self.runs[-1].append(pipeline)
             else:
-                self.runs.append((i, 1))
+                self.runs.append([pipeline])
 
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
     ) -> list[Tensor]:
         """images: uint8 (B, C, H, W) -> one float32 (B, 3, size_v, size_v) per pipeline v (``shard``: see ViewPipeline)."""
         views: list[Tensor] = []
-        for first, count in self.runs:
-            if count == 1:
-                views.append(self.pipelines[first](images, generator, shard))
-                continue
-            # image-major rows (image j's views at j * count ...), so that a process's rows are
-            # still its slice of the global batch's draws
-            out = self.pipelines[first](images.repeat_interleave(count, 0), generator, shard)  # (B * count, 3, s, s)
-            views += out.unflatten(0, (len(images), count)).unbind(1)
+        for run in self.runs:
+            probs = [(p.cfg.blur_prob, p.cfg.solarize_prob) for p in run]
+            views += run[0].several(images, probs, generator, shard)
         return views
 
 
