@@ -7,8 +7,6 @@ Usage: ``python benchmarks/augment.py [--batch 512] [--size 32] [--repeats 7]``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from lightly.transforms import SimCLRTransform
@@ -16,15 +14,7 @@ from PIL import Image
 
 from sslkit.augment import create_augment
 from sslkit.config import AugmentConfig
-
-
-def median_img_per_s(fn, images: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return images / statistics.median(times)
+from throughput import median_img_per_s  # this script's folder is on sys.path
 
 
 def main() -> None:
@@ -40,8 +30,9 @@ def main() -> None:
     pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
     transform = SimCLRTransform(input_size=args.size, cj_strength=0.5, gaussian_blur=0.0)
 
-    ours = median_img_per_s(lambda: views(images, generator), args.batch, args.repeats)
-    theirs = median_img_per_s(lambda: [transform(p) for p in pil], args.batch, args.repeats)
+    cpu = torch.device("cpu")
+    ours = median_img_per_s(lambda: views(images, generator), args.batch, args.repeats, cpu)
+    theirs = median_img_per_s(lambda: [transform(p) for p in pil], args.batch, args.repeats, cpu)
     print(f"batch {args.batch} of {args.size} px, two views, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print(f"sslkit batched views   {ours:10.0f} img/s")
