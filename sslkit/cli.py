@@ -27,6 +27,7 @@ from sslkit.config import Config, load_config
 from sslkit.engine import train
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.engine.guards import NonFiniteError
+from sslkit.errors import UserError
 from sslkit.engine.trainer import create_accelerator, knn_monitor
 from sslkit.eval.clean import clean_features
 from sslkit.eval.fewshot import fewshot_eval
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NonFiniteError) as err:
+    except (UserError, ValueError, KeyError, FileNotFoundError, FileExistsError, NonFiniteError) as err:
         # Bad input: one clear line, not a traceback (SSLKIT_DEBUG=1 shows the traceback).
         if os.environ.get("SSLKIT_DEBUG"):
             raise

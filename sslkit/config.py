@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 import yaml
 
+from sslkit.errors import UserError
 from sslkit.registry import did_you_mean
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the config schema."""
 
 
