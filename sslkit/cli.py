@@ -18,15 +18,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sslkit.config import Config, load_config
+from sslkit.config import Config, apply_override, config_from_dict, load_config
 from sslkit.engine import train
 from sslkit.engine.checkpoint import load_feature_model
-from sslkit.engine.guards import NonFiniteError
 from sslkit.errors import UserError
 from sslkit.engine.trainer import create_accelerator, knn_monitor
 from sslkit.eval.clean import clean_features
@@ -66,13 +66,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation(args: argparse.Namespace) -> tuple[Config, nn.Module, Accelerator]:
-    """The checkpoint's config and feature network, pointed at ``--data``."""
+def _evaluation(
+    args: argparse.Namespace, options: Optional[dict[str, Any]] = None
+) -> tuple[Config, nn.Module, Accelerator]:
+    """The checkpoint's config and feature network, pointed at ``--data``: the options (as
+    ``section.key`` values) and the ``key=value`` overrides are validated as ``train``'s are."""
     cfg, model = load_feature_model(args.checkpoint)
-    cfg.data.name = args.data
-    cfg.data.root = args.data_root
-    cfg.data.train_limit = cfg.data.test_limit = None  # the training run's limits do not apply
-    cfg.eval.bank_limit, cfg.eval.test_limit = args.bank_limit, args.test_limit
+    tree = cfg.to_dict()
+    settings = {"data.name": args.data, "data.root": args.data_root,
+                # the training run's limits do not apply
+                "data.train_limit": None, "data.test_limit": None,
+                "eval.bank_limit": args.bank_limit, "eval.test_limit": args.test_limit, **(options or {})}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    for override in args.overrides:
+        apply_override(tree, override)
+    cfg = config_from_dict(tree)
     accelerator = create_accelerator(cfg.train)
     return cfg, model.to(accelerator.device), accelerator
 
@@ -85,10 +95,9 @@ def _report(args: argparse.Namespace, accelerator: Accelerator, protocol: str, r
 
 
 def _eval_knn(args: argparse.Namespace) -> int:
-    cfg, model, accelerator = _evaluation(args)
-    cfg.eval.knn_k = args.k if args.k is not None else cfg.eval.knn_k
-    cfg.eval.knn_temperature = args.temperature if args.temperature is not None else cfg.eval.knn_temperature
-    cfg.eval.knn_ks = tuple(args.ks)
+    options = {"eval.knn_ks": args.ks, **({"eval.knn_k": args.k} if args.k is not None else {}),
+               **({"eval.knn_temperature": args.temperature} if args.temperature is not None else {})}
+    cfg, model, accelerator = _evaluation(args, options)
     scores = knn_monitor(cfg, accelerator)(model, accelerator)
     result = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, **scores}
     _report(args, accelerator, "knn", result, f"top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
@@ -156,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bank-limit", type=int, default=None, help="use only the first N training images")
         p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
         p.add_argument("--output", default=None, help=f"JSON file (default: {name}_<data>.json beside the checkpoint)")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.batch_size=256 data.image_size=64")
         p.set_defaults(func=func)
         return p
 
@@ -191,16 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come after options too (`train r.yaml --num-processes 2 optim.lr=0.3`).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra)):
+    takes_overrides = hasattr(args, "overrides")
+    if extra and (not takes_overrides or any(e.startswith("-") or "=" not in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
     try:
         return args.func(args)
-    except (UserError, ValueError, KeyError, FileNotFoundError, FileExistsError, NonFiniteError) as err:
-        # Bad input: one clear line, not a traceback (SSLKIT_DEBUG=1 shows the traceback).
+    except UserError as err:
+        # Bad input: one clear line, not a traceback (SSLKIT_DEBUG=1 shows the traceback). Any
+        # other exception is a bug and keeps its traceback.
         if os.environ.get("SSLKIT_DEBUG"):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sslkit: error: {message}", file=sys.stderr)
+        print(f"sslkit: error: {err}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from sslkit.errors import UserError
 from sslkit.config import Config
 from sslkit.engine.checkpoint import CONFIG_KEY, LAST, load_feature_model
 from sslkit.models.backbones import BACKBONES
@@ -53,14 +54,14 @@ def find_checkpoint(run_dir: str | Path, checkpoint: Optional[str | Path] = None
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         hint = " (pass the run directory, or the file with --checkpoint)" if run_dir.is_file() else ""
-        raise FileNotFoundError(f"run directory '{run_dir}' does not exist{hint}")
+        raise UserError(f"run directory '{run_dir}' does not exist{hint}")
     backbone = run_dir / "backbone.safetensors"
     if backbone.is_file():
         return backbone
     last = run_dir / "checkpoints" / LAST
     if (last / "model.safetensors").is_file():
         return last.resolve()
-    raise FileNotFoundError(
+    raise UserError(
         f"'{run_dir}' holds neither backbone.safetensors nor checkpoints/last: is it a run directory "
         "(runs/<name>)? Pick a checkpoint with --checkpoint"
     )
@@ -73,15 +74,15 @@ def timm_model_args(cfg: Config) -> tuple[str, dict[str, Any]]:
     """
     m = cfg.model
     if m.backbone in BACKBONES:
-        raise ValueError(
+        raise UserError(
             f"model.backbone '{m.backbone}' is sslkit's own network: timm has no such architecture, so it "
             "cannot be exported for timm. Load the run's backbone.safetensors with sslkit "
             "(sslkit.engine.checkpoint.load_feature_model), or train a timm backbone (e.g. model.backbone=resnet18)"
         )
     if not timm.is_model(m.backbone):
-        raise ValueError(f"model.backbone '{m.backbone}' is not a timm model in timm {timm.__version__}")
+        raise UserError(f"model.backbone '{m.backbone}' is not a timm model in timm {timm.__version__}")
     if m.small_stem:
-        raise ValueError(
+        raise UserError(
             f"model.small_stem=true replaced {m.backbone}'s stem by a 3x3 stride-1 conv without max-pool; no "
             "timm ResNet configuration builds that stem (its first conv always has stride 2, 7x7 or a 'deep' "
             "3x3 stack, and its stem pool always downsamples by 2), so timm alone would compute different "
@@ -92,7 +93,7 @@ def timm_model_args(cfg: Config) -> tuple[str, dict[str, Any]]:
     try:
         json.dumps(args)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"model.timm_kwargs cannot be written to config.json: {err}") from None
+        raise UserError(f"model.timm_kwargs cannot be written to config.json: {err}") from None
     return m.backbone, args
 
 
@@ -281,7 +282,7 @@ def export_run(run_dir: str | Path, fmt: str = "timm", checkpoint: Optional[str 
                output: Optional[str | Path] = None) -> dict[str, Any]:
     """Export a run's feature network; returns ``{"folder", "source", "load"}`` (``load``: Python)."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     run_dir = Path(run_dir)
     source = find_checkpoint(run_dir, checkpoint)
     cfg, feature = load_feature_model(source)

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from sslkit.errors import UserError
 from sslkit.data import load_dataset
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.engine.run_dir import read_metrics
@@ -63,13 +64,13 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{metrics} not found: {run_dir} is not a run directory (one is made by `sslkit train`)"
         )
     events = read_metrics(run_dir)
     panels = metric_panels(events)
     if not panels:
-        raise ValueError(f"{metrics} holds no loss, lr, k-NN or online metrics to plot")
+        raise UserError(f"{metrics} holds no loss, lr, k-NN or online metrics to plot")
     epoch_ends = sorted({e["step"] for e in events if e.get("event") == "epoch_end"})
 
     fig = Figure(figsize=(8, 2.4 * len(panels)), layout="constrained")
@@ -105,7 +106,7 @@ def plot_embedding(run_dir: Path, out: Path | None = None, limit: int = 2000) ->
     run_dir = Path(run_dir)
     path = run_dir / "backbone.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"{path} not found: `sslkit train` exports the backbone when a run finishes "
             "(an unfinished run has only checkpoints/)"
         )

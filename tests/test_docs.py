@@ -254,7 +254,7 @@ def test_command_line_extraction():
 
 
 YAML_BLOCKS = [b for b in ALL_BLOCKS if b.lang in ("yaml", "yml") and b.no_run is None]
-SECTIONS = set(Config.__dataclass_fields__)
+SECTIONS = set(Config.model_fields)
 
 
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=lambda b: b.where)

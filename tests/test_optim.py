@@ -6,18 +6,25 @@ import pytest
 import torch
 from lightly.utils.lars import LARS as LightlyLARS
 
-from sslkit.config import OptimConfig
+from sslkit.config import ConfigError, load_config
 from sslkit.engine.lars import LARS
 from sslkit.engine.optim import (
+    OPTIMIZERS,
     _zero_momentum_buffers,
     create_optimizer,
-    create_scheduler,
+    optim_schedules,
     param_groups,
     scaled_lr,
+    set_schedules,
     step_unless_found_inf,
     supports_found_inf,
-    warmup_cosine,
 )
+from sslkit.schedules import at_step, cosine
+
+
+def OptimConfig(name: str = "sgd", **keys):  # noqa: N802 - reads as the config class it builds
+    """The config class of optimiser ``name`` with ``keys``."""
+    return OPTIMIZERS.config(name)(name=name, **keys)
 
 
 def test_linear_scaling_rule():
@@ -26,12 +33,22 @@ def test_linear_scaling_rule():
 
 
 def test_warmup_then_cosine():
-    values = [warmup_cosine(s, 10, 110, 0.0) for s in range(110)]
+    values = [cosine(s, 110, 1.0, 0.0, warmup_steps=10) for s in range(110)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(values[:9], values[1:10]))  # rising warm-up
     assert all(a >= b for a, b in zip(values[10:], values[11:]))  # falling cosine
     assert values[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert cosine(110, 110, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.1)
+
+
+def test_weight_decay_schedule_is_dinos_cosine():
+    """DINO's ``cosine_scheduler(0.04, 0.4, epochs, niter_per_ep)``, written out."""
+    cfg = OptimConfig("adamw", lr=1e-3, lr_batch_size=None, weight_decay=0.04, weight_decay_end=0.4)
+    wd = optim_schedules(cfg, batch_size=8, steps_per_epoch=10, total_steps=100)["weight_decay"]
+    expected = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * s / 100)) for s in range(100)]
+    assert wd.tolist() == pytest.approx(expected)
+    constant = optim_schedules(OptimConfig(weight_decay=0.1), 8, 10, 100)["weight_decay"]
+    assert (constant == 0.1).all()
 
 
 @pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
@@ -41,12 +58,15 @@ def test_optimizers_exclude_bias_and_norm_from_decay(name):
     decayed, plain = opt.param_groups
     assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])]
     assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
-    sched = create_scheduler(opt, OptimConfig(warmup_epochs=1), steps_per_epoch=4, total_steps=8)
+    schedules = optim_schedules(OptimConfig(name, warmup_epochs=1, weight_decay=0.1), 128, steps_per_epoch=4,
+                                total_steps=8)
+    set_schedules(opt, at_step(schedules, 0))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.06 / 4)  # first warm-up step
     model(torch.randn(8, 4)).sum().backward()
     opt.step()
-    sched.step()
+    set_schedules(opt, at_step(schedules, 1))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.06 * 2 / 4)
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)  # the schedule leaves norms undecayed
 
 
 def test_extra_group_keeps_its_own_lr_and_no_decay():
@@ -57,11 +77,23 @@ def test_extra_group_keeps_its_own_lr_and_no_decay():
     decayed, plain, extra = opt.param_groups
     assert len(decayed["params"]) == 1 and len(plain["params"]) == 1  # the first layer only
     assert extra["lr"] == 0.5 and extra["weight_decay"] == 0.0 and decayed["lr"] == pytest.approx(0.06)
+    # it follows the same schedule, in proportion, and is never decayed
+    set_schedules(opt, {"lr": 0.03, "weight_decay": 0.2})
+    assert (decayed["lr"], extra["lr"]) == (pytest.approx(0.03), pytest.approx(0.25))
+    assert (decayed["weight_decay"], plain["weight_decay"], extra["weight_decay"]) == (0.2, 0.0, 0.0)
 
 
 def test_unknown_optimizer():
-    with pytest.raises(KeyError, match="did you mean 'lars'"):
-        create_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="lars2"), 128)
+    with pytest.raises(ConfigError, match="optim.name='lars2': unknown optimizer 'lars2' .did you mean 'lars'"):
+        load_config(None, ["optim.name=lars2"])
+
+
+def test_optimizers_own_their_keys():
+    assert load_config(None, ["optim.name=adamw", "optim.betas=[0.9, 0.95]"]).optim.betas == (0.9, 0.95)
+    with pytest.raises(ConfigError, match="unknown config key 'optim.betas' of optimizer 'sgd'"):
+        load_config(None, ["optim.betas=[0.9, 0.95]"])
+    with pytest.raises(ConfigError, match=r"optim.betas\[1\]=1.5: expected less than 1"):
+        load_config(None, ["optim.name=adamw", "optim.betas=[0.9, 1.5]"])
 
 
 # --- sslkit's LARS against lightly's; skipping steps on the device (found_inf) -----------------------------------

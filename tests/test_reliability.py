@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, a clean stop on SIGTERM, and the non-finite guard."""
 
+import itertools
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from sslkit.config import load_config
 from sslkit.engine import read_metrics, train
 from sslkit.engine.guards import NonFiniteError
-from sslkit.methods import SimCLR
+from sslkit.methods.simclr import SimCLR
 from tests.conftest import run_sslkit
 from tests.test_distributed import METHOD_ARGS
 
@@ -97,12 +98,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_recipe, tmp_path):
 
 
 def _nan_at(monkeypatch, steps):
-    """SimCLR whose loss is NaN at the given optimiser steps."""
+    """SimCLR whose loss is NaN at the given optimiser steps (one ssl_step per step, from 0)."""
     ssl_step = SimCLR.ssl_step
+    calls = itertools.count()
 
     def poisoned(self, views):
-        loss, features = ssl_step(self, views)
-        return (loss * math.nan if self.step in steps else loss), features
+        terms, features = ssl_step(self, views)
+        factor = math.nan if next(calls) in steps else 1.0
+        return {name: term * factor for name, term in terms.items()}, features
 
     monkeypatch.setattr(SimCLR, "ssl_step", poisoned)
 

@@ -6,23 +6,43 @@ strengths (crop scale, jitter, blur sigma, ...) come from the recipe's ``augment
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable
+
+from pydantic import Field, field_validator
 
 from sslkit.augment.views import MultiView, ViewPipeline
-from sslkit.config import AugmentConfig
+from sslkit.config import AugmentConfig, Count, FractionRange, Probability
 from sslkit.registry import Registry
 
-PRESETS: Registry[Callable[[AugmentConfig], MultiView]] = Registry("augment preset")
+PRESETS: Registry[Callable[[AugmentConfig], MultiView]] = Registry("augment preset", AugmentConfig)
 
 
-def _view_probs(values: tuple[float, ...], default: Sequence[float], key: str) -> Sequence[float]:
-    """``values`` (the recipe's per-view list), or the paper's ``default`` when it is empty."""
-    if values and len(values) != len(default):
-        raise ValueError(
-            f"augment.{key} has {len(values)} values but this preset has {len(default)} kinds of view; "
-            f"give {len(default)} (the paper's are {list(default)}) or leave it empty"
-        )
-    return values or default
+class AsymmetricConfig(AugmentConfig):
+    """Views that differ in blur and solarisation probability, one value per kind of view."""
+
+    preset: str = "byol"
+    view_blur_probs: tuple[Probability, ...] = (1.0, 0.1)  # first view, second view (BYOL, table 6)
+    view_solarize_probs: tuple[Probability, ...] = (0.0, 0.2)
+
+    @field_validator("view_blur_probs", "view_solarize_probs")
+    @classmethod
+    def _one_per_kind(cls, probs: tuple[float, ...], info: Any) -> tuple[float, ...]:
+        kinds = len(cls.model_fields[info.field_name].default)
+        if len(probs) != kinds:
+            raise ValueError(f"expected {kinds} values, one per kind of view of preset {cls.model_fields['preset'].default!r}")
+        return probs
+
+
+class MultiCropConfig(AsymmetricConfig):
+    """DINO's multi-crop: two global views (``size``, ``scale``) and ``local_crops`` small ones."""
+
+    preset: str = "multicrop"
+    scale: FractionRange = (0.4, 1.0)  # DINO's global_crops_scale
+    view_blur_probs: tuple[Probability, ...] = (1.0, 0.1, 0.5)  # first global, second global, every local
+    view_solarize_probs: tuple[Probability, ...] = (0.0, 0.2, 0.0)
+    local_crops: int = Field(8, ge=0)  # main_dino.py's local_crops_number
+    local_size: Count = 96
+    local_scale: FractionRange = (0.05, 0.4)
 
 
 @PRESETS.register("simclr")
@@ -31,30 +51,27 @@ def simclr(cfg: AugmentConfig) -> MultiView:
     return MultiView([ViewPipeline(cfg), ViewPipeline(cfg)])
 
 
-@PRESETS.register("byol")
-def byol(cfg: AugmentConfig) -> MultiView:
+@PRESETS.register("byol", config=AsymmetricConfig)
+def byol(cfg: AsymmetricConfig) -> MultiView:
     """BYOL (also Barlow Twins, VICReg, MoCo v3): two views that differ in blur and solarisation.
 
     Blur probability 1.0 / 0.1 and solarisation 0.0 / 0.2 for the first / second view
-    (Grill et al. 2020, table 6), unless ``augment.view_blur_probs`` / ``view_solarize_probs`` say
-    otherwise.
+    (Grill et al. 2020, table 6) by default: ``augment.view_blur_probs`` / ``view_solarize_probs``.
     """
-    blur = _view_probs(cfg.view_blur_probs, (1.0, 0.1), "view_blur_probs")
-    solarize = _view_probs(cfg.view_solarize_probs, (0.0, 0.2), "view_solarize_probs")
-    return MultiView([ViewPipeline(cfg, blur_prob=b, solarize_prob=s) for b, s in zip(blur, solarize)])
+    probs = zip(cfg.view_blur_probs, cfg.view_solarize_probs)
+    return MultiView([ViewPipeline(cfg, blur_prob=b, solarize_prob=s) for b, s in probs])
 
 
-@PRESETS.register("multicrop")
-def multicrop(cfg: AugmentConfig) -> MultiView:
+@PRESETS.register("multicrop", config=MultiCropConfig)
+def multicrop(cfg: MultiCropConfig) -> MultiView:
     """DINO's multi-crop: two global views (``size``, ``scale``) and ``local_crops`` local views
     (``local_size``, ``local_scale``), in that order.
 
     Blur 1.0 / 0.1 / 0.5 and solarisation 0.0 / 0.2 / 0.0 for the first global, second global
-    and every local view (Caron et al. 2021, DINO's ``DataAugmentationDINO``), unless
-    ``augment.view_blur_probs`` / ``view_solarize_probs`` give three values.
+    and every local view (Caron et al. 2021, DINO's ``DataAugmentationDINO``) by default:
+    ``augment.view_blur_probs`` / ``view_solarize_probs``.
     """
-    blur = _view_probs(cfg.view_blur_probs, (1.0, 0.1, 0.5), "view_blur_probs")
-    solarize = _view_probs(cfg.view_solarize_probs, (0.0, 0.2, 0.0), "view_solarize_probs")
+    blur, solarize = cfg.view_blur_probs, cfg.view_solarize_probs
     global_views = [ViewPipeline(cfg, blur_prob=blur[i], solarize_prob=solarize[i]) for i in (0, 1)]
     local = ViewPipeline(
         cfg, size=cfg.local_size, scale=cfg.local_scale, blur_prob=blur[2], solarize_prob=solarize[2],
@@ -63,7 +80,7 @@ def multicrop(cfg: AugmentConfig) -> MultiView:
     return MultiView(global_views + [local] * cfg.local_crops)
 
 
-def local_blur_kernel(cfg: AugmentConfig) -> int:
+def local_blur_kernel(cfg: MultiCropConfig) -> int:
     """The local views' kernel: ``augment.blur_kernel`` scaled to ``local_size`` (odd, at least
     3), or 0 (the size's default) when the recipe leaves the kernel to the view size."""
     if not cfg.blur_kernel:
@@ -78,5 +95,9 @@ def single(cfg: AugmentConfig) -> MultiView:
 
 
 def create_augment(cfg: AugmentConfig) -> MultiView:
-    """The views of ``cfg.preset``, parameterised by ``cfg``."""
+    """The views of ``cfg.preset``, parameterised by ``cfg`` (a base ``AugmentConfig`` naming a
+    preset with keys of its own gets that preset's defaults for them)."""
+    own = PRESETS.config(cfg.preset)
+    if not isinstance(cfg, own):
+        cfg = own.model_validate(cfg.model_dump(exclude_unset=True))
     return PRESETS.get(cfg.preset)(cfg)

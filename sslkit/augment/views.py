@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
@@ -68,7 +67,7 @@ class ViewPipeline(nn.Module):
 
     def __init__(self, cfg: AugmentConfig, normalize: bool = True, **overrides: object) -> None:
         super().__init__()
-        self.cfg = dataclasses.replace(cfg, **overrides)
+        self.cfg = cfg.model_copy(update=overrides)
         self.normalize = normalize
         self.blur_kernel = self.cfg.blur_kernel or default_blur_kernel(self.cfg.size)
 
@@ -86,7 +85,7 @@ class ViewPipeline(nn.Module):
     def batch_key(self) -> tuple[AugmentConfig, int, bool]:
         """Pipelines with equal keys differ at most in their blur and solarisation probabilities,
         so that ``several`` makes their views in one call."""
-        return dataclasses.replace(self.cfg, blur_prob=0.0, solarize_prob=0.0), self.blur_kernel, self.normalize
+        return self.cfg.model_copy(update={"blur_prob": 0.0, "solarize_prob": 0.0}), self.blur_kernel, self.normalize
 
     def several(
         self, images: Tensor, probs: Sequence[tuple[float, float]], generator: torch.Generator | None = None,

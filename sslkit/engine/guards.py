@@ -12,10 +12,12 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from sslkit.engine.checkpoint import last_checkpoint
+from sslkit.errors import UserError
 
 
-class NonFiniteError(RuntimeError):
-    """Too many optimiser steps in a row had a NaN or Inf loss or gradient."""
+class NonFiniteError(UserError):
+    """Too many optimiser steps in a row had a NaN or Inf loss or gradient (the settings, not
+    the code, are to blame: the message names likely causes and the checkpoint to resume from)."""
 
 
 def nonfinite_gradients(parameters: Iterable[torch.nn.Parameter], norm: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Optimisers by name and the warm-up + cosine learning-rate schedule.
+"""Optimisers by name, each with its own config keys, and the learning-rate and weight-decay
+schedules (warm-up + cosine, per step).
 
 All three optimisers step without host-device synchronisation and can skip a step on the device
 (``found_inf``, see ``step_unless_found_inf``): ``sgd`` and ``adamw`` are torch's fused kernels,
@@ -7,21 +8,43 @@ All three optimisers step without host-device synchronisation and can skip a ste
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from sslkit.config import OptimConfig
+from sslkit.config import OptimConfig, Positive
 from sslkit.engine.lars import LARS
 from sslkit.registry import Registry
+from sslkit.schedules import Schedules, cosine, tabulate
 
-OPTIMIZERS: Registry[Callable[[list[dict], OptimConfig, float], torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS: Registry[Callable[[list[dict], Any, float], torch.optim.Optimizer]] = Registry("optimizer", OptimConfig)
 
 
-@OPTIMIZERS.register("sgd")
-def _sgd(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+
+class SGDConfig(OptimConfig):
+    name: str = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class LARSConfig(SGDConfig):
+    """LARS (You et al. 2017) as SimCLR, Barlow Twins and VICReg use it."""
+
+    name: str = "lars"
+    lars_trust_coefficient: Positive = 0.001
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class AdamWConfig(OptimConfig):
+    name: str = "adamw"
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+
+
+@OPTIMIZERS.register("sgd", config=SGDConfig)
+def _sgd(groups: list[dict], cfg: SGDConfig, lr: float) -> torch.optim.Optimizer:
     sgd = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
     sgd.register_step_pre_hook(_zero_momentum_buffers)
     return sgd
@@ -44,14 +67,14 @@ def _zero_momentum_buffers(optimizer: torch.optim.Optimizer, args: Any, kwargs: 
                     optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)  # as fused: grad's layout
 
 
-@OPTIMIZERS.register("lars")
-def _lars(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("lars", config=LARSConfig)
+def _lars(groups: list[dict], cfg: LARSConfig, lr: float) -> torch.optim.Optimizer:
     # Groups with weight_decay=0 (biases, norms) are left unscaled, as in SimCLR and lightly's LARS.
     return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.lars_trust_coefficient)
 
 
-@OPTIMIZERS.register("adamw")
-def _adamw(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("adamw", config=AdamWConfig)
+def _adamw(groups: list[dict], cfg: AdamWConfig, lr: float) -> torch.optim.Optimizer:
     # A skipped first step leaves its state alone (step 0, zero moments), unlike fused SGD's.
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=True)
 
@@ -109,25 +132,34 @@ def create_optimizer(
     model: nn.Module, cfg: OptimConfig, batch_size: int, extra_groups: Sequence[dict] = ()
 ) -> torch.optim.Optimizer:
     """The recipe's optimiser over ``model``; ``extra_groups`` (e.g. the online probe's, with its
-    own ``lr`` and ``weight_decay``) take their parameters out of the default groups."""
+    own ``lr`` and ``weight_decay``) take their parameters out of the default groups.
+
+    Each group records how it follows the schedules (``set_schedules``): ``lr_scale``, its
+    learning rate over the peak, and ``wd_scale``, its weight decay over ``optim.weight_decay``.
+    """
     skip = frozenset(id(p) for group in extra_groups for p in group["params"])
-    groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm, skip) + list(extra_groups)
-    return OPTIMIZERS.get(cfg.name)(groups, cfg, scaled_lr(cfg, batch_size))
+    groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_norm, skip) + [dict(g) for g in extra_groups]
+    peak = scaled_lr(cfg, batch_size)
+    for group in groups:
+        group["lr_scale"] = group.get("lr", peak) / peak
+        group["wd_scale"] = group["weight_decay"] / cfg.weight_decay if cfg.weight_decay else 0.0
+    return OPTIMIZERS.get(cfg.name)(groups, cfg, peak)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak lr at ``step``: linear from ~0 to 1, then cosine down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def optim_schedules(cfg: OptimConfig, batch_size: int, steps_per_epoch: int, total_steps: int) -> Schedules:
+    """``lr``: linear warm-up to the (batch-scaled) peak over ``warmup_epochs``, then a cosine
+    down to ``peak * min_lr_ratio``; ``weight_decay``: a cosine from ``weight_decay`` to
+    ``weight_decay_end`` (DINO's), constant when that is None."""
+    peak, warmup = scaled_lr(cfg, batch_size), round(cfg.warmup_epochs * steps_per_epoch)
+    wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
+    return {
+        "lr": tabulate(lambda s: cosine(s, total_steps, peak, peak * cfg.min_lr_ratio, warmup), total_steps),
+        "weight_decay": tabulate(lambda s: cosine(s, total_steps, cfg.weight_decay, wd_end), total_steps),
+    }
 
 
-def create_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimiser step."""
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, cfg.min_lr_ratio)
-    )
+def set_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
+    """This step's ``lr`` and ``weight_decay`` into every group, by its ``lr_scale`` and ``wd_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = values["lr"] * group["lr_scale"]
+        group["weight_decay"] = values["weight_decay"] * group["wd_scale"]

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 from accelerate import Accelerator
 
+from sslkit.errors import UserError
 from sslkit.config import Config
 
 # Keys that must match between a checkpoint and the config that resumes or evaluates it.
@@ -34,7 +35,7 @@ def check_same_model(ckpt_dir: Path, cfg: Config) -> None:
     diffs = [f"{k}: checkpoint {_get(saved, k)!r}, config {_get(mine, k)!r}"
              for k in IDENTITY_KEYS if _get(saved, k) != _get(mine, k)]
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {ckpt_dir} is from another model ({'; '.join(diffs)}). Resume it with its "
             "own recipe, or start a new run (another train.name)."
         )
@@ -45,14 +46,14 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
     holds_run = (run_dir / "config.yaml").exists()
     if cfg.resume:
         if not (run_dir / "checkpoints" / "last").exists():
-            raise FileNotFoundError(
+            raise UserError(
                 f"resume=true but {run_dir}/checkpoints/last does not exist: nothing to resume. "
                 "Drop resume=true to start a new run."
             )
     elif holds_run and cfg.overwrite:
         shutil.rmtree(run_dir)
     elif holds_run:
-        raise FileExistsError(
+        raise UserError(
             f"{run_dir} already holds a run. Pass resume=true to continue it, overwrite=true to "
             "replace it, or train.name=<new name> for a new run."
         )

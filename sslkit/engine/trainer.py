@@ -1,52 +1,63 @@
-"""The training loop, top to bottom.
+"""The training loop, top to bottom (in the manner of DINO's ``main_dino.py`` and nanoGPT's
+``train.py``).
 
-``train(cfg)``: set up Accelerate, data, views, method and optimiser; score the untrained
-network with k-NN; then per epoch: one pass of optimiser steps (logging loss, lr, img/s and
-the online probe every ``log_every_steps``, collapse monitors every ``collapse_every_steps``),
-k-NN when due, a checkpoint; finally export the backbone. What varies between methods lives
-in the method (``ssl_step(views) -> (loss, features)``, ``before_optimizer_step``,
-``after_optimizer_step``) and its augment preset.
+``train(cfg)``: ``setup`` builds everything (Accelerate, data, method, views, optimiser, the
+schedules of every step computed up front, the run directory, a resumed state); then one flat
+loop over optimiser steps, the epoch derived from the step: ``train_step``, ``log_step`` every
+``log_every_steps`` (the one place where the host reads the device), ``end_epoch`` (k-NN,
+checkpoint) when an epoch's steps are done; ``teardown`` once. What varies between methods
+lives in the method (``ssl_step(views) -> (loss terms, features)``, its ``schedules``,
+``before_optimizer_step``, ``after_optimizer_step``) and its augment preset.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from sslkit.augment import create_augment
+from sslkit.augment import MultiView, create_augment
 from sslkit.config import Config, TrainConfig, save_config
-from sslkit.data import ImageData, load_dataset, make_batches
+from sslkit.data import Batches, ImageData, load_dataset, make_batches
 from sslkit.engine.checkpoint import export_backbone, last_checkpoint, save_checkpoint
 from sslkit.engine.compile import compile_networks
 from sslkit.engine.guards import NonFiniteGuard, nonfinite_gradients, sigterm_flag
-from sslkit.engine.optim import create_optimizer, create_scheduler, step_unless_found_inf, supports_found_inf
+from sslkit.engine.optim import (
+    create_optimizer,
+    optim_schedules,
+    set_schedules,
+    step_unless_found_inf,
+    supports_found_inf,
+)
 from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
+from sslkit.errors import UserError
 from sslkit.eval import CollapseMonitor, KNNMonitor
 from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
 from sslkit.methods import Method, create_method
 from sslkit.models import convert_sync_batchnorm
+from sslkit.schedules import Schedules, at_step
 
 
 class TrainState:
-    """Counters and the augmentation RNG, saved with every checkpoint."""
+    """The step counter and the augmentation RNG, saved with every checkpoint (the epoch and
+    every schedule follow from the step)."""
 
     def __init__(self, generator: torch.Generator) -> None:
-        self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps completed
         self.generator = generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "augment_rng": self.generator.get_state()}
+        return {"step": self.step, "augment_rng": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.step = state["epoch"], state["step"]
+        self.step = state["step"]
         self.generator.set_state(state["augment_rng"])
 
 
@@ -74,7 +85,7 @@ def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
     """``train.batch_size`` is global: it is split over processes and accumulation steps."""
     parts = world_size * cfg.grad_accum_steps
     if cfg.batch_size % parts:
-        raise ValueError(
+        raise UserError(
             f"train.batch_size={cfg.batch_size} is not divisible by processes x grad_accum_steps "
             f"= {world_size} x {cfg.grad_accum_steps}; pick a multiple of {parts}."
         )
@@ -128,11 +139,50 @@ def optimizer_step(
     return skipped
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run a recipe; returns the last logged metrics (loss, knn_top1, ...)."""
+@dataclass
+class Run:
+    """Everything the loop's steps share, built by ``setup``."""
+
+    cfg: Config
+    accelerator: Accelerator
+    run_dir: Path
+    method: Method  # the bare method (hooks, feature model)
+    model: torch.nn.Module  # the method as Accelerate wraps it (DDP)
+    optimizer: torch.optim.Optimizer
+    augment: MultiView
+    batches: Batches
+    state: TrainState
+    schedules: Schedules  # name -> one value per step, computed up front
+    steps_per_epoch: int
+    total_steps: int
+    compiled: bool
+    log: MetricsLog
+    guard: NonFiniteGuard
+    knn: Optional[KNNMonitor]
+    bar: Any = None
+    last: dict[str, Any] = field(default_factory=dict)  # the last logged metrics, returned by train()
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+@dataclass
+class Window:
+    """What the loop accumulates on the device between two log steps (no host read)."""
+
+    loss: torch.Tensor  # the last step's loss ...
+    terms: dict[str, torch.Tensor]  # ... and its terms, by name
+    online: torch.Tensor  # (2,) online-probe hits and samples since the last log
+    start_time: float
+    start_step: int
+    features: Optional[torch.Tensor] = None  # the last micro-batch's backbone features (collapse monitor)
+
+
+def setup(cfg: Config) -> Run:
+    """Accelerate, data, method, views, optimiser, schedules, run directory, resumed state."""
     run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
     accelerator = create_accelerator(cfg.train, run_dir)
-    ckpt_root = run_dir / "checkpoints"
     set_seed(cfg.train.seed)  # the same initial weights in every process
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
@@ -144,8 +194,7 @@ def train(cfg: Config) -> dict[str, float]:
         data, per_process_batch(cfg.train, world), shuffle=True, drop_last=True,
         seed=cfg.train.seed, rank=rank, world_size=world, device=device, num_workers=cfg.data.num_workers,
     )
-    accum = cfg.train.grad_accum_steps
-    steps_per_epoch = len(batches) // accum
+    steps_per_epoch = len(batches) // cfg.train.grad_accum_steps
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -163,6 +212,9 @@ def train(cfg: Config) -> dict[str, float]:
         {"params": list(method.online_probe.parameters()), "lr": cfg.eval.online_lr, "weight_decay": 0.0}
     ]
     optimizer = create_optimizer(method, cfg.optim, cfg.train.batch_size, probe_groups)
+    schedules = {**optim_schedules(cfg.optim, cfg.train.batch_size, steps_per_epoch, total_steps),
+                 **method.schedules(steps_per_epoch, total_steps)}
+
     # The run directory is touched only now that bad data or settings would have failed.
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, cfg)
@@ -171,145 +223,190 @@ def train(cfg: Config) -> dict[str, float]:
     if cfg.train.trackers:
         accelerator.init_trackers(cfg.train.name or "run", config=flat_config(cfg),
                                   init_kwargs={"wandb": {"dir": str(run_dir / "trackers")}})
-    scheduler = create_scheduler(optimizer, cfg.optim, steps_per_epoch, total_steps)
     model, optimizer = accelerator.prepare(method, optimizer)
     state = TrainState(generator)
-    accelerator.register_for_checkpointing(scheduler, state)
+    accelerator.register_for_checkpointing(state)
     if cfg.resume:
-        ckpt = last_checkpoint(ckpt_root)
+        ckpt = last_checkpoint(run_dir / "checkpoints")
         check_same_model(ckpt, cfg)
         accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} (epoch {state.epoch}, step {state.step})")
+        accelerator.print(f"resumed from {ckpt} (step {state.step})")
 
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process,
                      accelerator if cfg.train.trackers else None)
     if cfg.resume and accelerator.is_main_process:
         log.rewind(state.step)  # what was logged after the checkpoint will be logged again
-    knn = knn_monitor(cfg, accelerator, data) if cfg.eval.knn else None
-    last: dict[str, Any] = {}
+    return Run(
+        cfg=cfg, accelerator=accelerator, run_dir=run_dir, method=method, model=model, optimizer=optimizer,
+        augment=augment, batches=batches, state=state, schedules=schedules, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, compiled=compiled, log=log,
+        guard=NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, run_dir / "checkpoints"),
+        knn=knn_monitor(cfg, accelerator, data) if cfg.eval.knn else None,
+    )
 
-    def evaluate(label: str) -> None:
-        scores = knn(method.feature_model(), accelerator)
-        last.update(scores)
-        log.write(step=state.step, epoch=state.epoch, **scores)
-        accelerator.print(f"k-NN {label}: top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
 
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, ckpt_root)
+def epoch_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The micro-batches of the epoch that the current step belongs to, from that step on
+    (a resumed run starts mid-epoch where it stopped)."""
+    epoch, first = divmod(run.state.step, run.steps_per_epoch)
+    run.batches.set_epoch(epoch, start=first * run.cfg.train.grad_accum_steps)
+    return iter(run.batches)
 
-    def check_nonfinite() -> None:
-        """Read the skip flags of the steps since the last check (raises after too many in a row)."""
-        guard.check(lambda step, total: log.write(step=step, epoch=(step - 1) // steps_per_epoch,
-                                                  event="nonfinite_step", nonfinite_steps=total))
 
-    def checkpoint(tag: str) -> None:
-        check_nonfinite()  # nothing is saved after the first bad step of a run that fails
-        save_checkpoint(accelerator, cfg, ckpt_root, tag, cfg.train.keep_checkpoints)
-
-    if knn is not None and cfg.eval.at_start and state.step == 0:
-        evaluate("untrained network")
-    log.write(step=state.step, epoch=state.epoch, event="resume" if cfg.resume else "start", world_size=world,
-              total_steps=total_steps, batch_size=cfg.train.batch_size, compiled=compiled)
-
-    bar = tqdm(total=total_steps * cfg.train.batch_size, initial=state.step * cfg.train.batch_size,
-               unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not (cfg.train.progress and accelerator.is_main_process))
+def train_step(run: Run, micro_batches: Iterator, values: dict[str, float], window: Window) -> torch.Tensor:
+    """One optimiser step over ``grad_accum_steps`` micro-batches with this step's scheduled
+    ``values``; accumulates the loss, its terms and the probe's hits into ``window`` on the
+    device. Returns the 0-d skip flag (1: non-finite gradients, step skipped)."""
+    cfg, method, model = run.cfg, run.method, run.model
+    set_schedules(run.optimizer, values)
+    method.scheduled = values
+    accum = cfg.train.grad_accum_steps
     channels_last = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    shard = (run.accelerator.process_index, run.accelerator.num_processes)
+    window.loss = torch.zeros((), device=run.accelerator.device)
+    window.terms = {}
+    for micro in range(accum):
+        images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
+        views = [v.contiguous(memory_format=channels_last) for v in run.augment(images, run.state.generator, shard)]
+        # Gradients are averaged across processes only on the last micro-batch.
+        with nullcontext() if micro == accum - 1 else run.accelerator.no_sync(model):
+            out = model(views, labels)
+            run.accelerator.backward(out["loss"] / accum)
+        window.loss += out["ssl_loss"] / accum
+        for name, term in out["terms"].items():
+            window.terms[name] = window.terms.get(name, 0) + term / accum
+        if "online_correct" in out:
+            window.online[0] += out["online_correct"]
+            window.online[1] += len(labels)  # a scalar operand: no host-to-device copy
+    window.features = out["features"]
+    return optimizer_step(cfg, run.accelerator, model, method, run.optimizer)
+
+
+def check_nonfinite(run: Run) -> None:
+    """Read the skip flags of the steps since the last check (raises after too many in a row)."""
+    run.guard.check(lambda step, total: run.log.write(
+        step=step, epoch=(step - 1) // run.steps_per_epoch, event="nonfinite_step", nonfinite_steps=total))
+
+
+def log_step(run: Run, values: dict[str, float], window: Window, sigterm: bool) -> bool:
+    """THE host read of the hot path, every ``log_every_steps``: the loss and its terms, the
+    probe, the steps' non-finite flags, and (agreed on by every process) whether SIGTERM came.
+    Logs them with this step's schedules and img/s; returns whether to stop."""
+    acc, step = run.accelerator, run.state.step
+    names = sorted(window.terms)
+    local = torch.cat([torch.stack([window.loss, *(window.terms[n] for n in names)]).float(),
+                       window.online.float(), torch.tensor([float(sigterm)], device=acc.device)])
+    reduced = acc.reduce(local, "sum").tolist()
+    check_nonfinite(run)
+    world = acc.num_processes
+    loss, terms = reduced[0] / world, reduced[1:1 + len(names)]
+    correct, seen, terminated = reduced[1 + len(names):]
+    window.online.zero_()
+    now = time.perf_counter()
+    metrics = {
+        "loss": loss,
+        **{f"loss/{n}": t / world for n, t in zip(names, terms)},
+        **values,  # lr, weight_decay and the method's schedules
+        "img_per_s": round((step - window.start_step) * run.cfg.train.batch_size / (now - window.start_time), 1),
+        **({"online_top1": correct / seen} if seen else {}),
+        **({"nonfinite_steps": run.guard.total} if run.guard.total else {}),
+    }
+    window.start_time, window.start_step = now, step
+    run.last.update(metrics)
+    run.log.write(step=step, epoch=(step - 1) // run.steps_per_epoch, **metrics)
+    run.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "online_top1")})
+    return terminated > 0
+
+
+def evaluate(run: Run, label: str) -> None:
+    """k-NN of the method's feature network on the labelled splits."""
+    scores = run.knn(run.method.feature_model(), run.accelerator)
+    run.last.update(scores)
+    run.log.write(step=run.state.step, epoch=run.state.step // run.steps_per_epoch, **scores)
+    run.accelerator.print(f"k-NN {label}: top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
+
+
+def checkpoint(run: Run, tag: str) -> None:
+    check_nonfinite(run)  # nothing is saved after the first bad step of a run that fails
+    save_checkpoint(run.accelerator, run.cfg, run.ckpt_root, tag, run.cfg.train.keep_checkpoints)
+
+
+def end_epoch(run: Run, epoch: int, started: float, first_step: int, bad_before: int) -> None:
+    """An epoch's steps are done: its summary, k-NN when due, a checkpoint."""
+    acc, step, cfg = run.accelerator, run.state.step, run.cfg
+    if acc.device.type == "cuda":
+        torch.cuda.synchronize(acc.device)
+    seconds = time.perf_counter() - started
+    # undecodable images replaced this epoch (data.bad_images=skip), over all processes
+    bad = int(acc.reduce(torch.tensor([run.batches.bad_images - bad_before], device=acc.device), "sum").item())
+    run.log.write(step=step, epoch=epoch, event="epoch_end", train_seconds=round(seconds, 3),
+                  epoch_img_per_s=round((step - first_step) * cfg.train.batch_size / seconds, 1),
+                  **({"bad_images": bad} if bad else {}))
+    done = epoch + 1
+    if run.knn is not None and (done % cfg.eval.every_epochs == 0 or step >= run.total_steps):
+        evaluate(run, f"after epoch {done}")
+    if done % cfg.train.checkpoint_every_epochs == 0 or step >= run.total_steps:
+        checkpoint(run, f"epoch_{done:04d}")
+
+
+def teardown(run: Run, finished: bool) -> None:
+    """Close the bar; a finished run exports its backbone and logs its end."""
+    run.bar.close()
+    acc = run.accelerator
+    if finished:
+        if acc.is_main_process:
+            export_backbone(acc.unwrap_model(run.model), run.cfg, run.run_dir / "backbone.safetensors")
+            run.log.write(step=run.state.step, epoch=run.state.step // run.steps_per_epoch, event="end")
+        acc.print(f"run directory: {run.run_dir} (metrics.jsonl, checkpoints/last, backbone.safetensors)")
+        acc.wait_for_everyone()
+    acc.end_training()
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run a recipe; returns the last logged metrics (loss, knn_top1, ...)."""
+    run = setup(cfg)
+    acc, state, spe = run.accelerator, run.state, run.steps_per_epoch
+    if run.knn is not None and cfg.eval.at_start and state.step == 0:
+        evaluate(run, "untrained network")
+    run.log.write(step=state.step, epoch=state.step // spe, event="resume" if cfg.resume else "start",
+                  world_size=acc.num_processes, total_steps=run.total_steps, batch_size=cfg.train.batch_size,
+                  compiled=run.compiled)
+    run.bar = tqdm(total=run.total_steps * cfg.train.batch_size, initial=state.step * cfg.train.batch_size,
+                   unit="img", unit_scale=True, dynamic_ncols=True,
+                   disable=not (cfg.train.progress and acc.is_main_process))
     collapse = CollapseMonitor()
-    online = torch.zeros(2, device=device)  # online-probe hits and samples since the last log
-    bad_before = 0  # batches.bad_images at the start of the epoch
-    window_start, window_step = time.perf_counter(), state.step
+    window = Window(torch.zeros(()), {}, torch.zeros(2, device=acc.device), time.perf_counter(), state.step)
+    micro_batches: Optional[Iterator] = None
+    stopped = False
     with sigterm_flag() as sigterm:
-        for epoch in range(state.epoch, cfg.train.epochs):
-            if state.step >= total_steps:
+        while state.step < run.total_steps:
+            epoch = state.step // spe
+            if micro_batches is None or state.step % spe == 0:  # an epoch (or a resumed one) begins
+                micro_batches = epoch_batches(run)
+                run.model.train()
+                run.bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
+                epoch_start, epoch_first_step, bad_before = time.perf_counter(), state.step, run.batches.bad_images
+            values = at_step(run.schedules, state.step)
+            skipped = train_step(run, micro_batches, values, window)
+            state.step += 1
+            run.bar.update(cfg.train.batch_size)
+            run.guard.record(state.step, skipped)
+
+            if cfg.eval.collapse_every_steps and state.step % cfg.eval.collapse_every_steps == 0:
+                run.log.write(step=state.step, epoch=epoch, **collapse(window.features))  # this process's batch
+            stop = sigterm() if acc.num_processes == 1 else False
+            if state.step % cfg.train.log_every_steps == 0 or state.step == run.total_steps:
+                stop = log_step(run, values, window, sigterm()) or stop  # SIGTERM agreed on by every process
+            if stop:
+                checkpoint(run, f"epoch_{epoch:04d}_step_{state.step:08d}")
+                run.log.write(step=state.step, epoch=epoch, event="sigterm")
+                acc.print(f"SIGTERM: saved a checkpoint at step {state.step} and stopped; continue with resume=true")
+                stopped = True
                 break
-            bar.set_description(f"epoch {epoch + 1}/{cfg.train.epochs}")
-            first = state.step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-            batches.set_epoch(epoch, start=first * accum)
-            model.train()
-            micro_batches = iter(batches)
-            epoch_start, epoch_first_step = time.perf_counter(), state.step
-            for _ in range(first, steps_per_epoch):
-                if state.step >= total_steps:
-                    break
-                method.set_progress(state.step, steps_per_epoch, total_steps)
-                step_loss = torch.zeros((), device=device)
-                for micro in range(accum):
-                    images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
-                    views = [v.contiguous(memory_format=channels_last)
-                             for v in augment(images, generator, (rank, world))]
-                    # Gradients are averaged across processes only on the last micro-batch.
-                    with nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
-                        out = model(views, labels)
-                        accelerator.backward(out["loss"] / accum)
-                    step_loss += out["ssl_loss"] / accum
-                    if "online_correct" in out:
-                        online[0] += out["online_correct"]
-                        online[1] += len(labels)
-                skipped = optimizer_step(cfg, accelerator, model, method, optimizer)
-                scheduler.step()  # a skipped step still uses up its batch and its place in the schedule
-                state.step += 1
-                bar.update(cfg.train.batch_size)
-                guard.record(state.step, skipped)
-
-                if cfg.eval.collapse_every_steps and state.step % cfg.eval.collapse_every_steps == 0:
-                    stats = collapse(out["features"])  # this process's last micro-batch
-                    log.write(step=state.step, epoch=epoch, **stats)
-                stop = sigterm() if world == 1 else False
-                if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
-                    # The hot path's only host reads, every log_every_steps: loss, probe, the steps'
-                    # non-finite flags. SIGTERM is agreed on here under several processes.
-                    flag = torch.tensor([float(sigterm())], device=device)
-                    reduced = accelerator.reduce(torch.cat([step_loss[None], online, flag]), "sum").tolist()
-                    check_nonfinite()
-                    loss, correct, seen, terminated = reduced
-                    stop = stop or terminated > 0
-                    online.zero_()
-                    now = time.perf_counter()
-                    metrics = {
-                        "loss": loss / world,
-                        "lr": scheduler.get_last_lr()[0],
-                        "img_per_s": round((state.step - window_step) * cfg.train.batch_size / (now - window_start), 1),
-                        **({"online_top1": correct / seen} if seen else {}),
-                        **({"nonfinite_steps": guard.total} if guard.total else {}),
-                    }
-                    window_start, window_step = now, state.step
-                    last.update(metrics)
-                    log.write(step=state.step, epoch=epoch, **metrics)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "img_per_s"})
-                if stop:
-                    checkpoint(f"epoch_{epoch:04d}_step_{state.step:08d}")
-                    log.write(step=state.step, epoch=epoch, event="sigterm")
-                    accelerator.print(f"SIGTERM: saved a checkpoint at step {state.step} and stopped; "
-                                      "continue with resume=true")
-                    bar.close()
-                    accelerator.end_training()
-                    return last
-                if (cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0
-                        and state.step < min(total_steps, (epoch + 1) * steps_per_epoch)):
-                    checkpoint(f"epoch_{epoch:04d}_step_{state.step:08d}")  # mid-epoch; epoch ends save below
-
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_seconds = time.perf_counter() - epoch_start
-            # undecodable images replaced this epoch (data.bad_images=skip), over all processes
-            bad_images = int(accelerator.reduce(torch.tensor([batches.bad_images - bad_before], device=device),
-                                                "sum").item())
-            bad_before = batches.bad_images
-            log.write(step=state.step, epoch=epoch, event="epoch_end", train_seconds=round(epoch_seconds, 3),
-                      epoch_img_per_s=round((state.step - epoch_first_step) * cfg.train.batch_size / epoch_seconds, 1),
-                      **({"bad_images": bad_images} if bad_images else {}))
-            state.epoch = epoch + 1
-            if knn is not None and (state.epoch % cfg.eval.every_epochs == 0 or state.step >= total_steps):
-                evaluate(f"after epoch {state.epoch}")
-            if state.epoch % cfg.train.checkpoint_every_epochs == 0 or state.step >= total_steps:
-                checkpoint(f"epoch_{state.epoch:04d}")
-            window_start = time.perf_counter()  # evaluation and saving are not training time
-    bar.close()
-
-    if accelerator.is_main_process:
-        export_backbone(accelerator.unwrap_model(model), cfg, run_dir / "backbone.safetensors")
-        log.write(step=state.step, epoch=state.epoch, event="end")
-    accelerator.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/last, backbone.safetensors)")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return last
+            if state.step % spe == 0 or state.step == run.total_steps:
+                end_epoch(run, epoch, epoch_start, epoch_first_step, bad_before)
+                window.start_time = time.perf_counter()  # evaluation and saving are not training time
+            elif cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                checkpoint(run, f"epoch_{epoch:04d}_step_{state.step:08d}")  # mid-epoch
+    teardown(run, finished=not stopped)
+    return run.last

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from sslkit.errors import UserError
 from sslkit.eval.linear import DEFAULT_LRS, fit_linear_heads, heads_accuracy, standardize
 
 # Full-batch steps for the N-shot subsets (see the module docstring).
@@ -53,7 +54,7 @@ def fewshot_indices(labels: Tensor, shots: int, seed: int, num_classes: int | No
     for c in classes:
         members = (labels == c).nonzero().flatten()  # (n_c,)
         if members.numel() < shots:
-            raise ValueError(f"class {c} has {members.numel()} samples, fewer than the {shots} shots asked for")
+            raise UserError(f"class {c} has {members.numel()} samples, fewer than the {shots} shots asked for")
         picked.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
     return torch.cat(picked).sort().values
 

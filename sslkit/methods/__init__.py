@@ -1,21 +1,16 @@
-"""Methods by name: ``create_method(cfg)`` looks up ``cfg.method.name`` in ``METHODS``."""
+"""Methods by name: ``create_method(cfg)`` looks up ``cfg.method.name`` in ``METHODS``.
 
-from sslkit.methods.base import METHODS, Method, create_method
-from sslkit.methods.mae import MAE
-from sslkit.methods.momentum import BYOL, DINO, MoCoV3, MomentumMethod
-from sslkit.methods.two_view import BarlowTwins, SimCLR, TwoViewMethod, VICReg
+Each module of this package is one method (its config with the paper's defaults, its step, its
+registration) or a base several methods share; every module is imported here, so adding a file
+adds the method.
+"""
 
-__all__ = [
-    "BYOL",
-    "DINO",
-    "MAE",
-    "METHODS",
-    "BarlowTwins",
-    "Method",
-    "MoCoV3",
-    "MomentumMethod",
-    "SimCLR",
-    "TwoViewMethod",
-    "VICReg",
-    "create_method",
-]
+import importlib
+import pkgutil
+
+from sslkit.methods.base import METHODS, LossTerms, Method, create_method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "LossTerms", "Method", "create_method"]

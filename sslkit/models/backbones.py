@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from sslkit.config import ModelConfig
-from sslkit.registry import Registry
+from sslkit.errors import UserError
+from sslkit.registry import Registry, did_you_mean
 
 BACKBONES: Registry[Callable[[ModelConfig], nn.Module]] = Registry("backbone")
 
@@ -33,7 +34,7 @@ class TinyCNN(nn.Module):
     def __init__(self, width: int = 32, norm: str = "batch", in_chans: int = 3) -> None:
         super().__init__()
         if norm not in _NORMS:
-            raise ValueError(f"model.norm must be one of {sorted(_NORMS)}, got '{norm}'")
+            raise UserError(f"model.norm must be one of {sorted(_NORMS)}, got '{norm}'")
         widths = [width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip([in_chans, *widths[:-1]], widths)):
@@ -57,7 +58,7 @@ def _tiny_cnn(cfg: ModelConfig) -> nn.Module:
 def _use_small_stem(model: nn.Module, name: str) -> None:
     """3x3 stride-1 first conv and no max-pool, so 28-32 px images keep their resolution."""
     if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
-        raise ValueError(
+        raise UserError(
             f"model.small_stem=true needs a ResNet-style backbone (conv1 + maxpool); '{name}' has "
             "neither. Use a resnet*, or set model.small_stem=false."
         )
@@ -66,21 +67,30 @@ def _use_small_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
+def check_backbone_name(name: str) -> str:
+    """``name`` if it is an sslkit backbone or a timm model, else a ValueError naming the nearest
+    (``ModelConfig`` validates ``model.backbone`` with it)."""
+    if name in BACKBONES or timm.is_model(name):
+        return name
+    raise ValueError(
+        f"unknown backbone{did_you_mean(name, BACKBONES.names() + timm.list_models())}: neither an sslkit "
+        f"backbone ({', '.join(BACKBONES.names())}) nor a timm model (see timm.list_models())"
+    )
+
+
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """A backbone without classifier: an sslkit one by name, else ``timm.create_model``.
 
     Weights are never downloaded: ``pretrained=False`` always. ``cfg.timm_kwargs`` go to timm
     (e.g. ``img_size``, ``patch_size``, ``dynamic_img_size`` for a ViT on small or multi-size views).
     """
-    if cfg.backbone in BACKBONES:
+    if cfg.backbone in BACKBONES:  # the config has checked the name
         model = BACKBONES.get(cfg.backbone)(cfg)
-    elif timm.is_model(cfg.backbone):
-        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **cfg.timm_kwargs)
     else:
-        raise KeyError(
-            f"unknown model.backbone '{cfg.backbone}': not an sslkit backbone "
-            f"({', '.join(BACKBONES.names())}) nor a timm model (see timm.list_models())"
-        )
+        try:
+            model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **cfg.timm_kwargs)
+        except TypeError as err:  # a keyword the model does not take
+            raise UserError(f"model.timm_kwargs={cfg.timm_kwargs}: {cfg.backbone} rejects them ({err})") from None
     if cfg.small_stem:
         _use_small_stem(model, cfg.backbone)
     if cfg.channels_last:

@@ -13,6 +13,8 @@ from lightly.models.modules import MaskedVisionTransformerDecoderTIMM
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from sslkit.errors import UserError
+
 patchify = lightly_utils.patchify  # (B, C, H, W) -> (B, L, p * p * C), MAE's patch layout
 
 
@@ -32,7 +34,7 @@ def random_token_mask(
     """
     keep = int(num_patches * (1 - mask_ratio) + 1e-6)  # MAE's count, robust to float rounding
     if not 0 < keep < num_patches:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves {keep} of {num_patches} patches visible; "
+        raise UserError(f"mask_ratio={mask_ratio} leaves {keep} of {num_patches} patches visible; "
                          "pick a ratio that keeps at least one and masks at least one")
     rank, world_size = shard
     noise = torch.rand(batch * world_size, num_patches, generator=generator, device=device)
@@ -43,7 +45,7 @@ def random_token_mask(
 def check_vit(model: nn.Module, method: str) -> VisionTransformer:
     """``model`` if it is a timm VisionTransformer, else an error that says what to use."""
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
+        raise UserError(
             f"{method} needs a timm VisionTransformer backbone (e.g. model.backbone=vit_small_patch16_224), "
             f"got {type(model).__name__}"
         )

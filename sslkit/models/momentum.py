@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-import math
+from typing import Optional
 
 import torch
 from torch import nn
+
+from sslkit.schedules import cosine
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, end: float = 1.0) -> float:
@@ -14,14 +16,15 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.996, end: float
 
     ``base`` at step 0, rising to ``end`` at ``total_steps``.
     """
-    progress = min(step / max(total_steps, 1), 1.0)
-    return end - (end - base) * (math.cos(math.pi * progress) + 1) / 2
+    return cosine(step, total_steps, base, end)
 
 
 class MomentumEncoder(nn.Module):
     """An exponential moving average of ``module``'s weights (BYOL's target, DINO's teacher).
 
-    It starts as a copy of ``module``; its parameters never require gradients, so the
+    It starts as a copy of ``module``, or, with ``source``, it is ``module`` itself (built on
+    purpose, e.g. without the online network's stochastic depth) started from ``source``'s
+    weights and buffers (the same state-dict keys). Its parameters never require gradients, so the
     optimiser and DDP's gradient synchronisation leave them alone, while ``state_dict`` (and
     so every checkpoint) includes them. Call ``update(module, momentum)`` after each
     optimiser step: ``ema = momentum * ema + (1 - momentum) * online`` for every parameter.
@@ -41,9 +44,13 @@ class MomentumEncoder(nn.Module):
         False
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, source: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.module = copy.deepcopy(module)
+        if source is None:
+            self.module = copy.deepcopy(module)
+        else:
+            self.module = module
+            self.module.load_state_dict(source.state_dict())
         self.module.requires_grad_(False)
 
     @torch.no_grad()
