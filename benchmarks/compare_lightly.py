@@ -53,9 +53,10 @@ from sslkit.augment import create_augment
 from sslkit.config import AugmentConfig, Config, load_config
 from sslkit.data import load_dataset
 from sslkit.engine import read_metrics, train
-from sslkit.engine.optim import create_optimizer, create_scheduler
+from sslkit.engine.optim import create_optimizer, optim_schedules, set_schedules
 from sslkit.engine.trainer import knn_monitor
 from sslkit.losses import teacher_temperature
+from sslkit.schedules import at_step
 from sslkit.models import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,17 +281,17 @@ def run_lightly(cfg: Config, workers: int) -> dict[str, float]:
     model = method(cfg)
     optimizer = create_optimizer(model, cfg.optim, cfg.train.batch_size)  # momentum copies need no grad: left out
     total = cfg.train.epochs * len(loader)
-    scheduler = create_scheduler(optimizer, cfg.optim, len(loader), total)
+    schedules = optim_schedules(cfg.optim, cfg.train.batch_size, len(loader), total)  # sslkit's lr, as in (a)
     step, images, seconds = 0, 0, 0.0
     for epoch in range(cfg.train.epochs):
         model.train()
         start = time.perf_counter()
         for views in loader:
+            set_schedules(optimizer, at_step(schedules, step))
             loss = model.training_step(views, step, len(loader), total)
             loss.backward()
             model.before_optimizer_step(epoch)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
             step += 1
             images += len(views[0])

@@ -57,7 +57,8 @@ from sslkit.config import Config, load_config  # noqa: E402
 from sslkit.data import load_dataset  # noqa: E402
 from sslkit.engine import read_metrics, train  # noqa: E402
 from sslkit.engine.compile import compile_networks  # noqa: E402
-from sslkit.engine.optim import create_optimizer, create_scheduler  # noqa: E402
+from sslkit.engine.optim import create_optimizer, optim_schedules, set_schedules  # noqa: E402
+from sslkit.schedules import at_step  # noqa: E402
 from sslkit.methods import create_method  # noqa: E402
 
 try:  # lightly's side lives in compare_lightly.py (this script's folder is on sys.path)
@@ -258,12 +259,14 @@ def run_compute_bound(cfg: Config, setting: Setting, images: torch.Tensor,
     method = create_method(cfg).to(device)
     optimizer = create_optimizer(method, cfg.optim, setting.batch)
     total = setting.window * (1 + setting.windows)
-    scheduler = create_scheduler(optimizer, cfg.optim, setting.window, total)
+    schedules = {**optim_schedules(cfg.optim, setting.batch, setting.window, total),
+                 **method.schedules(setting.window, total)}
     compiled = compile_networks(method.compile_targets(), device) if cfg.train.compile else None
     applied = torch.ones((), device=device)  # every step applies: no non-finite check in the bound
 
     def step(k: int) -> None:
-        method.set_progress(k, setting.window, total)
+        method.scheduled = at_step(schedules, k)
+        set_schedules(optimizer, method.scheduled)
         with autocast(device, cfg.train.precision):
             loss = method(views)["loss"]
         loss.backward()
@@ -271,7 +274,6 @@ def run_compute_bound(cfg: Config, setting: Setting, images: torch.Tensor,
             torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad_norm)
         method.before_optimizer_step()
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_optimizer_step(applied)
 
@@ -308,11 +310,12 @@ def run_lightly(cfg: Config, setting: Setting, images: torch.Tensor, device: tor
     )
     model = lightly_method(cfg).to(device)
     optimizer = create_optimizer(model, cfg.optim, setting.batch)
-    scheduler = create_scheduler(optimizer, cfg.optim, setting.window, total)
+    schedules = optim_schedules(cfg.optim, setting.batch, setting.window, total)
     batches = iter(loader)
     fmt = memory_format(cfg)
 
     def step(k: int) -> None:
+        set_schedules(optimizer, at_step(schedules, k))
         views = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in next(batches)]
         with autocast(device, cfg.train.precision):
             loss = model.training_step(views, k, setting.window, total)
@@ -321,7 +324,6 @@ def run_lightly(cfg: Config, setting: Setting, images: torch.Tensor, device: tor
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
         model.before_optimizer_step(k // setting.window)  # an "epoch" is a window, as in (a)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
     seconds = timed_windows(step, setting.window, setting.windows, device)

@@ -1,9 +1,15 @@
 import os
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
 # A recipe small enough for a test: synthetic data, a tiny CNN, 16 px views.
@@ -40,3 +46,43 @@ def run_sslkit(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "sslkit", *args], capture_output=True, text=True,
                           env=full_env, timeout=600)
+
+
+def set_step(method, step: int, steps_per_epoch: int, total_steps: int) -> None:
+    """Give ``method`` its schedules' values at ``step``, as the engine does before that step."""
+    from sslkit.schedules import at_step
+
+    method.scheduled = at_step(method.schedules(steps_per_epoch, total_steps), step)
+
+
+def _gloo_worker(rank: int, port: int, world: int, work: Callable[[int], Any], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        assert dist.get_world_size() == world  # really `world` processes
+        torch.save(work(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_workers(work: Callable[[int], Any], out_dir: Path, world: int = 2) -> list:
+    """``work(rank)`` in ``world`` CPU processes joined by a gloo process group; what each
+    returned (tensors, dicts of them), in rank order. ``work`` must be a module-level function."""
+    # port 0: the OS picks a free port, and the store in this process holds it for the workers
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    # fork: the workers inherit the imports (spawn re-imports torch and sslkit: ~20 s on a busy
+    # 2-core CI machine); they set 1 thread before any op. A forked child cannot use CUDA once
+    # this process has, so spawn then.
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    ctx = mp.start_processes(_gloo_worker, args=(store.port, world, work, str(out_dir)), nprocs=world, join=False,
+                             start_method=method)
+    deadline = time.monotonic() + 240
+    try:
+        while not ctx.join(timeout=1):  # raises with the worker's traceback if one fails
+            assert time.monotonic() < deadline, "workers timed out"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]

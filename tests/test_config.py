@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sslkit.config import Config, ConfigError, load_config, save_config
 
@@ -62,3 +63,67 @@ def test_exponent_without_a_decimal_point_is_a_float():
     assert load_config(None, ["optim.lr=3e-3"]).optim.lr == 3e-3
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(None, ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["augment.hflip_prob=1.5"], ["augment.hflip_prob=1.5", "less than or equal to 1"]),
+        (["train.epochs=0"], ["train.epochs=0", "greater than or equal to 1"]),
+        (["method.mask_ratio=0.5"], ["method.mask_ratio", "of method 'simclr'", "its keys: name"]),
+        (["augment.scale=[0.9,0.2]"], ["augment.scale", "ordered"]),
+        (["augment.size=0"], ["augment.size=0"]),
+        (["optim.lr=-1"], ["optim.lr=-1", "greater than 0"]),
+        (["train.precision=fp8"], ["train.precision", "'no', 'bf16' or 'fp16'"]),
+        (["model.backbone=resnet1"], ["model.backbone='resnet1'", "did you mean 'resnet18'"]),
+        (["method.name=dino", "method.temperature=0.2"], ["method.temperature", "of method 'dino'"]),
+        (["method.name=mae", "method.mask_ratio=1.0"], ["method.mask_ratio=1.0", "less than 1"]),
+        (["augment.preset=byol", "augment.view_blur_probs=[0.5]"], ["augment.view_blur_probs", "expected 2 values"]),
+        (["optim.name=adamw", "optim.momentum=0.9"], ["optim.momentum", "of optimizer 'adamw'"]),
+        (["augment.blur_kernel=4"], ["augment.blur_kernel=4", "odd"]),
+        (["data.name=cifar1O"], ["data.name='cifar1O'", "did you mean 'cifar10'"]),
+    ],
+)
+def test_every_bad_value_is_one_line_naming_its_key(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_timm_kwargs_read_yaml_numbers_as_numbers():
+    cfg = load_config(None, ["model.backbone=vit_tiny_patch16_224", "model.timm_kwargs={drop_path_rate: 1e-5}"])
+    assert cfg.model.timm_kwargs["drop_path_rate"] == 1e-5  # YAML 1.1 reads 1e-5 as the text '1e-5'
+
+
+def test_a_method_named_alone_gets_its_papers_defaults_and_preset():
+    from sslkit.methods import create_method
+    from sslkit.methods.dino import DINOConfig
+
+    cfg = load_config(None, ["method.name=dino", "model.backbone=tiny_cnn", "model.width=8"])
+    assert isinstance(cfg.method, DINOConfig) and cfg.augment.preset == "multicrop"
+    head = create_method(cfg).projection_head
+    assert head.last_layer.weight.shape == (65536, 256)  # main_dino.py: 65536 prototypes, bottleneck 256
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())  # use_bn_in_head=False
+    assert load_config(None, ["method.name=mocov3"]).method.temperature == 0.2
+    byol = load_config(None, ["method.name=byol"]).method
+    assert (byol.proj_hidden_dim, byol.proj_output_dim, byol.pred_hidden_dim) == (4096, 256, 4096)
+    assert load_config(None, ["method.name=mae"]).augment.preset == "single"
+
+
+def test_a_whole_method_section_replaces_another_methods_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: {name: simclr, temperature: 0.3}\n")
+    with pytest.raises(ConfigError, match="method.temperature"):
+        load_config(recipe, ["method.name=byol"])
+    assert load_config(recipe, ["method={name: byol}"]).method.name == "byol"
+
+
+def test_saved_config_round_trips_every_kind(tmp_path):
+    for overrides in (["method.name=dino", "optim.name=adamw"], ["method.name=mae", "optim.name=lars"]):
+        cfg = load_config(None, overrides + ["train.name=x"])
+        save_config(cfg, tmp_path / "c.yaml")
+        again = load_config(tmp_path / "c.yaml")
+        assert again == cfg and type(again.method) is type(cfg.method) and type(again.augment) is type(cfg.augment)

@@ -33,8 +33,7 @@ VIT_KWARGS = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num
 RUNS = {
     "resnet": ["model.backbone=resnet10t"],
     "vit_dino": ["model.backbone=vit_tiny_patch16_224", f"model.timm_kwargs={json.dumps(VIT_KWARGS)}",
-                 "method.name=dino", "method.proj_hidden_dim=32", "method.bottleneck_dim=16",
-                 "method.proj_output_dim=64"],
+                 "method={name: dino, proj_hidden_dim: 32, bottleneck_dim: 16, proj_output_dim: 64}"],
 }
 
 # Runs in a fresh interpreter: timm, torch and safetensors only; importing sslkit fails.

@@ -21,7 +21,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 def _setup(method: str, optimizer: str, device: str, *extra: str):
-    cfg = load_config(None, [*TINY, f"method.name={method}", *METHOD_ARGS[method], f"optim.name={optimizer}",
+    cfg = load_config(None, [*TINY, *METHOD_ARGS[method], f"optim.name={optimizer}",
                              "optim.lr=0.1", "optim.clip_grad_norm=3.0", *extra])
     accelerator = Accelerator(cpu=device == "cpu")
     torch.manual_seed(0)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from lightly.models.modules import DINOProjectionHead
 from torch import nn
 
-from sslkit.augment import ViewPipeline, create_augment
+from sslkit.augment import ViewPipeline, augment_config, create_augment
 from sslkit.config import AugmentConfig, load_config
 from sslkit.engine.optim import create_optimizer
+from sslkit.errors import UserError
 from sslkit.losses import (
     BarlowTwinsLoss,
     DINOLoss,
@@ -27,6 +28,7 @@ from sslkit.losses import (
     teacher_temperature,
 )
 from sslkit.methods import create_method
+from tests.conftest import set_step
 from sslkit.models import (
     DINOHead,
     MAEDecoder,
@@ -209,6 +211,20 @@ def test_vicreg_equals_lightly_and_formula():
     _close(VICRegLoss()(a, b), vicreg_direct(a, b, 25.0, 25.0, 1.0))  # the paper's weights by default
 
 
+def test_vicreg_terms_sum_to_the_loss():
+    a = _randn(16, 8) * torch.linspace(0.2, 2.0, 8)
+    b = a + 0.5 * _randn(16, 8, seed=1)
+    loss_fn = VICRegLoss(sim_weight=3.0, var_weight=5.0, cov_weight=7.0)
+    terms = loss_fn.terms(a, b)
+    assert list(terms) == ["invariance", "variance", "covariance"]
+    assert torch.equal(sum(terms.values()), loss_fn(a, b))
+    _close(sum(terms.values()), lightly.loss.VICRegLoss(lambda_param=3.0, mu_param=5.0, nu_param=7.0)(a, b))
+    # each term is lightly's loss with the other two weights at 0
+    alone = {"invariance": (3.0, 0.0, 0.0), "variance": (0.0, 5.0, 0.0), "covariance": (0.0, 0.0, 7.0)}
+    for name, weights in alone.items():
+        _close(terms[name], lightly.loss.VICRegLoss(*weights)(a, b))
+
+
 # ---------------------------------------------------------------- Barlow Twins
 
 
@@ -232,6 +248,26 @@ def test_barlow_twins_equals_lightly_and_formula():
         ours = BarlowTwinsLoss(redundancy_weight=lam)(a, b)
         _close(ours, lightly.loss.BarlowTwinsLoss(lambda_param=lam)(a, b))
         _close(ours, barlow_direct(a, b, lam))
+
+
+def test_barlow_twins_terms_sum_to_the_loss():
+    a = _randn(16, 6) * torch.linspace(0.5, 3.0, 6) + 1.0
+    b = a + _randn(16, 6, seed=1)
+    loss_fn = BarlowTwinsLoss(redundancy_weight=0.5)
+    terms = loss_fn.terms(a, b)
+    assert list(terms) == ["invariance", "redundancy"]
+    assert torch.equal(sum(terms.values()), loss_fn(a, b))
+    lightly_loss = lightly.loss.BarlowTwinsLoss(lambda_param=0.5)(a, b)
+    _close(sum(terms.values()), lightly_loss)
+    on_diagonal = lightly.loss.BarlowTwinsLoss(lambda_param=0.0)(a, b)
+    _close(terms["invariance"], on_diagonal)
+    _close(terms["redundancy"], lightly_loss - on_diagonal)
+
+
+@pytest.mark.parametrize("loss_fn", [BarlowTwinsLoss(), VICRegLoss()])
+def test_batch_statistics_losses_reject_a_batch_of_one(loss_fn):
+    with pytest.raises(UserError, match="at least 2.*got 1"):
+        loss_fn(torch.randn(1, 4), torch.randn(1, 4))
 
 
 # ---------------------------------------------------------------- MoCo v3
@@ -380,7 +416,7 @@ def test_byol_teacher_moves_by_scheduled_momentum_and_stays_out_of_the_optimizer
         for p in student.parameters():
             p.add_(torch.randn_like(p))
     before = [p.clone() for p in teacher]
-    method.set_progress(50, 10, 100)  # half-way: m = (0.9 + 1) / 2
+    set_step(method, 50, 10, 100)  # half-way: m = (0.9 + 1) / 2
     method.after_optimizer_step(torch.tensor(0.0))  # a skipped step leaves the teacher alone
     assert all(torch.equal(new, old) for new, old in zip(teacher, before))
     method.after_optimizer_step(torch.tensor(1.0))
@@ -411,14 +447,15 @@ def test_dino_evaluates_its_teacher_and_checkpoints_its_centre():
 def test_dino_step_uses_teacher_on_global_views_and_scheduled_temperature():
     method = dino_method("method.warmup_teacher_temp=0.02", "method.teacher_temp=0.06",
                          "method.warmup_teacher_temp_epochs=2")
-    method.set_progress(10, 10, 100)  # epoch 1 of a 2-epoch warm-up: temperature 0.04
+    set_step(method, 10, 10, 100)  # epoch 1 of a 2-epoch warm-up: temperature 0.04
     views = _dino_views()
     center = method.criterion.center.clone()
     teacher = list(method.teacher(torch.cat(views[:2])).chunk(2))
     student = list(method.projection_head(method.backbone(torch.cat(views[:2]))).chunk(2))
     student += list(method.projection_head(method.backbone(torch.cat(views[2:]))).chunk(2))
     expected = dino_direct(teacher, student, center, 0.04, method.cfg.method.student_temp)
-    loss, features = method.ssl_step(views)
+    terms, features = method.ssl_step(views)
+    loss = terms["dino"]
     _close(loss, expected)
     assert features.shape == (4, method.backbone.num_features)
 
@@ -430,9 +467,9 @@ def test_dino_drops_last_layer_gradients_during_freeze():
     first_mlp = next(method.projection_head.mlp.parameters())
     for step, frozen in ((5, True), (10, False), (25, False)):  # epochs 0.5, 1.0, 2.5
         method.zero_grad()
-        method.ssl_step(_dino_views())[0].backward()
+        set_step(method, step, 10, 100)
+        method.ssl_step(_dino_views())[0]["dino"].backward()
         assert direction.grad is not None
-        method.set_progress(step, 10, 100)
         method.before_optimizer_step()
         assert all(p.grad is None for p in last.parameters()) == frozen
         assert first_mlp.grad is not None  # the rest of the head keeps its gradients
@@ -528,7 +565,8 @@ def test_mae_loss_is_on_the_masked_patches(norm_pix):
     method = mae_method(f"method.norm_pix_loss={str(norm_pix).lower()}")
     images = _randn(2, 3, 16, 16)
     method.generator = _gen(0)
-    loss, features = method.ssl_step([images])
+    terms, features = method.ssl_step([images])
+    loss = terms["reconstruction"]
 
     keep, mask = random_token_mask(2, 16, 0.75, _gen(0))  # the same draw, made again
     tokens = encode_visible(method.backbone, images, keep)
@@ -552,7 +590,7 @@ def test_mae_loss_ignores_visible_patches():
             for i, patch in zip(mask[b], pred[b]):
                 patch_pixels(images[b], i, 4).copy_(patch.reshape(4, 4, 3).permute(2, 0, 1))
         method.generator = _gen(0)
-        loss, _ = method.ssl_step([images])
+        loss = method.ssl_step([images])[0]["reconstruction"]
     assert loss.item() < 1e-10
 
 
@@ -569,8 +607,8 @@ def _probs(views):
 
 
 def test_byol_preset_view_probabilities():
-    assert _probs(create_augment(AugmentConfig(preset="byol"))) == ([1.0, 0.1], [0.0, 0.2])
-    cfg = AugmentConfig(preset="byol", view_blur_probs=(0.3, 0.7), view_solarize_probs=(0.4, 0.6))
+    assert _probs(create_augment(augment_config(preset="byol"))) == ([1.0, 0.1], [0.0, 0.2])
+    cfg = augment_config(preset="byol", view_blur_probs=(0.3, 0.7), view_solarize_probs=(0.4, 0.6))
     assert _probs(create_augment(cfg)) == ([0.3, 0.7], [0.4, 0.6])
 
 
@@ -579,11 +617,11 @@ def test_byol_preset_view_probabilities():
                           ("multicrop", "view_blur_probs", (1.0, 0.1))])
 def test_preset_rejects_wrong_number_of_view_probabilities(preset, key, values):
     with pytest.raises(ValueError, match=key):
-        create_augment(AugmentConfig(preset=preset, **{key: values}))
+        create_augment(augment_config(preset=preset, **{key: values}))
 
 
 def test_multicrop_preset_views():
-    cfg = AugmentConfig(preset="multicrop", size=16, scale=(0.5, 1.0), local_crops=3, local_size=8,
+    cfg = augment_config(preset="multicrop", size=16, scale=(0.5, 1.0), local_crops=3, local_size=8,
                         local_scale=(0.1, 0.3))
     views = create_augment(cfg)
     pipelines = list(views.pipelines)
@@ -595,13 +633,13 @@ def test_multicrop_preset_views():
     assert [tuple(v.shape) for v in out] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
     assert not torch.allclose(out[2], out[3])  # each local view draws its own crop
     assert len(views.runs) == 2  # the global views in one call, the local ones in another
-    assert len(create_augment(AugmentConfig(preset="multicrop")).pipelines) == 2  # no local crops by default
+    assert len(create_augment(augment_config(preset="multicrop")).pipelines) == 2  # no local crops by default
 
 
 @pytest.mark.parametrize("blur_kernel, local_kernel", [(0, 3), (23, 9)])
 def test_multicrop_local_views_blur_even_when_small(blur_kernel, local_kernel):
     """A local view's blur once had a 1-tap (identity) kernel below 20 px."""
-    cfg = AugmentConfig(preset="multicrop", size=224, local_crops=1, local_size=16 if not blur_kernel else 96,
+    cfg = augment_config(preset="multicrop", size=224, local_crops=1, local_size=16 if not blur_kernel else 96,
                         view_blur_probs=(0.0, 0.0, 1.0), blur_kernel=blur_kernel, jitter_prob=0.0, gray_prob=0.0)
     local = create_augment(cfg).pipelines[2]
     assert local.blur_kernel == local_kernel  # the global kernel scaled to the local size, or the default
@@ -611,11 +649,30 @@ def test_multicrop_local_views_blur_even_when_small(blur_kernel, local_kernel):
 
 
 def test_single_preset_has_one_view():
-    views = create_augment(AugmentConfig(preset="single", size=16))
+    views = create_augment(augment_config(preset="single", size=16))
     out = views(torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=_gen(0)), _gen(1))
     assert len(out) == 1 and out[0].shape == (2, 3, 16, 16)
 
 
 def test_unknown_preset_suggests_the_nearest():
     with pytest.raises(KeyError, match="did you mean 'multicrop'"):
-        create_augment(AugmentConfig(preset="multicropp"))
+        create_augment(augment_config(preset="multicropp"))
+
+
+def test_teacher_is_built_from_its_own_config_and_starts_as_the_student():
+    """DINO's ViT student drops paths, its teacher (built without) does not; both start equal."""
+    from timm.layers import DropPath
+
+    vit = ("model.backbone=vit_tiny_patch16_224", "model.timm_kwargs={img_size: 16, patch_size: 4, embed_dim: 32, "
+           "depth: 2, num_heads: 2, dynamic_img_size: true, drop_path_rate: 0.1}")
+    method = make_method(*vit, "method={name: dino, proj_hidden_dim: 32, bottleneck_dim: 16, proj_output_dim: 64}",
+                         "augment.local_crops=2", "augment.local_size=8")
+    student_drops = [m for m in method.backbone.modules() if isinstance(m, DropPath)]
+    teacher_drops = [m for m in method.teacher.module[0].modules() if isinstance(m, DropPath)]
+    assert student_drops and not teacher_drops
+    teacher_state = method.teacher.module.state_dict()
+    for key, value in method.student().state_dict().items():
+        assert torch.equal(teacher_state[key], value), key
+    images = _randn(2, 3, 16, 16, seed=0)
+    method.train()
+    torch.testing.assert_close(method.teacher(images), method.teacher(images))  # no random paths

@@ -10,7 +10,7 @@ from sslkit.config import load_config
 from sslkit.engine import read_metrics
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.methods import METHODS, create_method
-from tests.conftest import run_sslkit
+from tests.conftest import run_sslkit, set_step
 from tests.test_distributed import METHOD_ARGS
 
 # The recipe keys of tests/conftest.py's TINY_RECIPE, as overrides, for building in-process.
@@ -19,7 +19,7 @@ TINY = ["model.backbone=tiny_cnn", "model.width=8", "augment.size=16", "method.p
 
 
 def _views_and_method(method: str):
-    cfg = load_config(None, [*TINY, f"method.name={method}", *METHOD_ARGS[method]])
+    cfg = load_config(None, [*TINY, *METHOD_ARGS[method]])
     torch.manual_seed(0)
     model = create_method(cfg, num_classes=10)
     images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8)
@@ -33,7 +33,7 @@ def test_loss_falls_on_a_fixed_batch(method):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     losses = []
     for step in range(20):
-        model.set_progress(step, steps_per_epoch=1, total_steps=20)
+        set_step(model, step, steps_per_epoch=1, total_steps=20)
         model.generator = torch.Generator().manual_seed(1)  # MAE: the same masks every step
         loss = model(views)["loss"]
         optimizer.zero_grad()
@@ -50,7 +50,7 @@ def test_loss_falls_on_a_fixed_batch(method):
 @pytest.mark.parametrize("method", sorted(METHODS.names()))
 def test_trains_through_the_cli(tiny_recipe, tmp_path, method):
     done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run",
-                      "train.epochs=1", "train.max_steps=4", f"method.name={method}", *METHOD_ARGS[method])
+                      "train.epochs=1", "train.max_steps=4", *METHOD_ARGS[method])
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     losses = [m["loss"] for m in metrics if "loss" in m]

@@ -58,7 +58,7 @@ def _assert_bitwise_equal(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_recipe, tmp_path, method):
-    extra = (f"method.name={method}", *METHOD_ARGS[method])
+    extra = METHOD_ARGS[method]
     killed = _start(tiny_recipe, tmp_path, "killed", *extra)
     resumed_from = _wait_for_checkpoint(tmp_path / "killed", killed)
     killed.send_signal(signal.SIGKILL)

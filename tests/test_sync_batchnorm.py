@@ -1,19 +1,16 @@
 """SyncBatchNorm: BatchNorm itself in one process; over gloo, 2 processes x B step like 1 x 2B."""
 
 import copy
-import time
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sslkit.models.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from tests.conftest import run_gloo_workers
 
 WORLD = 2
 STEPS = 2  # the second step uses weights and running statistics the first one updated
@@ -82,55 +79,31 @@ def _bn_loss(bn: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict:
             "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
-        assert dist.get_world_size() == WORLD  # really two processes
-        xs, ys = _data()
-        half = slice(rank * 4, rank * 4 + 4)
-        res = {"world_size": dist.get_world_size()}
-        for name, convert in [("sync", True), ("plain", False)]:
-            net = convert_sync_batchnorm(_net()) if convert else _net()
-            ddp = DDP(net)
-            res[name] = _train(ddp, ddp.parameters(), xs[:, half], ys[:, half])
-        for shape, first in SPLITS:
-            x, g = _split_batch(shape)
-            part = slice(0, first) if rank == 0 else slice(first, shape[0])
-            res[shape, first] = _bn_loss(_randomise(SyncBatchNorm(shape[1]), seed=4), x[part], g[part])
-        # autocast: bf16 activations in, bf16 out, float32 statistics
-        x = _split_batch((8, 4, 5, 5))[0].bfloat16()[rank * 4:rank * 4 + 4]
-        bn = SyncBatchNorm(4)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = bn(x)
-        res["autocast"] = {"out": out, "running_mean": bn.running_mean, "running_var": bn.running_var}
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _work(rank: int) -> dict:
+    xs, ys = _data()
+    half = slice(rank * 4, rank * 4 + 4)
+    res = {"world_size": dist.get_world_size()}
+    for name, convert in [("sync", True), ("plain", False)]:
+        net = convert_sync_batchnorm(_net()) if convert else _net()
+        ddp = DDP(net)
+        res[name] = _train(ddp, ddp.parameters(), xs[:, half], ys[:, half])
+    for shape, first in SPLITS:
+        x, g = _split_batch(shape)
+        part = slice(0, first) if rank == 0 else slice(first, shape[0])
+        res[shape, first] = _bn_loss(_randomise(SyncBatchNorm(shape[1]), seed=4), x[part], g[part])
+    # autocast: bf16 activations in, bf16 out, float32 statistics
+    x = _split_batch((8, 4, 5, 5))[0].bfloat16()[rank * 4:rank * 4 + 4]
+    bn = SyncBatchNorm(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bn(x)
+    res["autocast"] = {"out": out, "running_mean": bn.running_mean, "running_var": bn.running_var}
+    return res
 
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory) -> list[dict]:
     """Run both workers once for the module (process start-up dominates), return their results."""
-    out_dir = tmp_path_factory.mktemp("sync_bn")
-    # port 0: the OS picks a free port, and the store in this process holds it for the workers
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
-    # fork: the workers inherit the imports (spawn re-imports torch and sslkit.models: ~20 s on a
-    # busy 2-core CI machine); they set 1 thread before any op. A forked child cannot use CUDA
-    # once this process has, so spawn then.
-    method = "spawn" if torch.cuda.is_initialized() else "fork"
-    ctx = mp.start_processes(_worker, args=(store.port, str(out_dir)), nprocs=WORLD, join=False,
-                             start_method=method)
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=1):  # raises with the worker's traceback if one fails
-            assert time.monotonic() < deadline, "workers timed out"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return run_gloo_workers(_work, tmp_path_factory.mktemp("sync_bn"), WORLD)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:

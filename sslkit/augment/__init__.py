@@ -14,10 +14,13 @@ from sslkit.augment.ops import (
     sample_crop_boxes,
     solarize,
 )
-from sslkit.augment.presets import PRESETS, create_augment
+from sslkit.augment.presets import PRESETS, AsymmetricConfig, MultiCropConfig, augment_config, create_augment
 from sslkit.augment.views import MultiView, ViewPipeline, eval_transform
 
 __all__ = [
+    "AsymmetricConfig",
+    "MultiCropConfig",
+    "augment_config",
     "MultiView",
     "PRESETS",
     "ViewPipeline",

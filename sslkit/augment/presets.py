@@ -94,6 +94,12 @@ def single(cfg: AugmentConfig) -> MultiView:
     return MultiView([ViewPipeline(cfg)])
 
 
+def augment_config(preset: str = "simclr", **keys: Any) -> AugmentConfig:
+    """The config of augment preset ``preset`` with ``keys``, its own keys included
+    (``augment_config("multicrop", local_crops=4)``: a ``MultiCropConfig``)."""
+    return PRESETS.config(preset)(preset=preset, **keys)
+
+
 def create_augment(cfg: AugmentConfig) -> MultiView:
     """The views of ``cfg.preset``, parameterised by ``cfg`` (a base ``AugmentConfig`` naming a
     preset with keys of its own gets that preset's defaults for them)."""

@@ -7,9 +7,10 @@ https://arxiv.org/abs/2103.03230.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from lightly.utils.dist import gather
 from torch import Tensor, nn
+
+from sslkit.distributed import gather
+from sslkit.errors import UserError
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -21,8 +22,11 @@ class BarlowTwinsLoss(nn.Module):
     per-process matrices, which is not the loss of the whole batch. The paper's code
     standardises with synchronised statistics. Here, with ``gather_distributed=True``, the
     embeddings of every process are gathered (with a backward that sums every process's
-    gradient) and the loss is that of the global batch, so P processes of batch N take the
-    same step as one process of batch P * N (``tests/test_methods_distributed.py``).
+    gradient, ``sslkit.distributed.gather``) and the loss is that of the global batch, so P
+    processes of batch N take the same step as one process of batch P * N
+    (``tests/test_distributed.py``).
+
+    ``terms`` gives the two weighted terms by name; ``forward`` returns their sum.
 
     Args:
         redundancy_weight: lambda, the weight of the off-diagonal terms (5e-3).
@@ -46,15 +50,24 @@ class BarlowTwinsLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
-            z_a, z_b = torch.cat(gather(z_a)), torch.cat(gather(z_b))  # (P * N, D)
+        terms = self.terms(z_a, z_b)
+        return terms["invariance"] + terms["redundancy"]
+
+    def terms(self, z_a: Tensor, z_b: Tensor) -> dict[str, Tensor]:
+        """The loss's weighted terms, whose sum ``forward`` returns: ``invariance`` (the
+        on-diagonal ``sum_i (1 - C_ii)^2``) and ``redundancy`` (``redundancy_weight`` times the
+        off-diagonal ``sum_{i != j} C_ij^2``); each a scalar. Shapes as ``forward``."""
+        if self.gather_distributed:
+            z_a, z_b = gather(z_a), gather(z_b)  # (P * N, D)
         if len(z_a) < 2:
-            raise ValueError("BarlowTwinsLoss needs a batch of at least 2 to standardise over")
+            raise UserError(f"BarlowTwinsLoss needs a batch of at least 2 to standardise over, got {len(z_a)}: "
+                            "use a larger batch")
         z_a, z_b = _standardize(z_a.float()), _standardize(z_b.float())
         c = z_a.T @ z_b / len(z_a)  # (D, D)
-        on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
-        off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-        return on_diagonal + self.redundancy_weight * off_diagonal
+        diagonal = torch.diagonal(c)
+        on_diagonal = (diagonal - 1).pow(2).sum()
+        off_diagonal = c.pow(2).sum() - diagonal.pow(2).sum()
+        return {"invariance": on_diagonal, "redundancy": self.redundancy_weight * off_diagonal}
 
 
 def _standardize(z: Tensor) -> Tensor:

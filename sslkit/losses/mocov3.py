@@ -7,18 +7,20 @@ ICCV 2021, https://arxiv.org/abs/2104.02057.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sslkit.distributed import gather, rank
 
 
 class MoCoV3Loss(nn.Module):
     """InfoNCE of each query against every key of the global batch, its own key positive:
     ``2 * temperature * cross_entropy(q @ k.T / temperature)``, as in MoCo v3's code.
 
-    The keys come from the momentum encoder and carry no gradient, so gathering them with a
-    plain all-gather is exact: each process's loss is the mean over its own queries, and
-    DDP's averaging makes P processes of batch N equal one of batch P * N.
+    The keys come from the momentum encoder and carry no gradient, so gathering them
+    (``sslkit.distributed.gather``, whose backward then never runs) is exact: each process's
+    loss is the mean over its own queries, and DDP's averaging makes P processes of batch N
+    equal one of batch P * N.
 
     Args:
         temperature: 1.0 for ResNet-50 and 0.2 for ViTs in MoCo v3's code (``--moco-t``).
@@ -45,10 +47,8 @@ class MoCoV3Loss(nn.Module):
         query = F.normalize(query.float(), dim=1)
         key = F.normalize(key.detach().float(), dim=1)
         offset = 0
-        if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
-            keys = [torch.empty_like(key) for _ in range(dist.get_world_size())]
-            dist.all_gather(keys, key.contiguous())
-            key, offset = torch.cat(keys), dist.get_rank() * len(query)  # (P * N, D)
+        if self.gather_distributed:
+            key, offset = gather(key), rank() * len(query)  # (P * N, D)
         logits = query @ key.T / self.temperature  # (N, P * N)
         labels = torch.arange(len(query), device=query.device) + offset
         return 2 * self.temperature * F.cross_entropy(logits, labels)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightly.utils import dist
 from torch import Tensor, nn
+
+from sslkit.distributed import gather, rank
+from sslkit.errors import UserError
 
 
 class NTXentLoss(nn.Module):
@@ -23,9 +25,9 @@ class NTXentLoss(nn.Module):
     ``-inf`` on those entries instead, which removes them from the softmax alike.
 
     With ``gather_distributed=True`` the projections of every process are all-gathered with
-    lightly's gather, whose backward sums the gradients of every process's loss, so that under
-    DDP's gradient averaging a step with P processes of batch N equals one process with batch
-    P * N (``tests/test_distributed.py`` checks it).
+    ``sslkit.distributed.gather``, whose backward sums the gradients of every process's loss,
+    so that under DDP's gradient averaging a step with P processes of batch N equals one
+    process with batch P * N (``tests/test_distributed.py`` checks it).
 
     Args:
         temperature: scale of the cosine similarities, 0.5 in lightly's CIFAR-10 benchmark,
@@ -48,24 +50,20 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"NTXentLoss needs temperature > 0, got {temperature}")
+            raise UserError(f"NTXentLoss needs temperature > 0, got {temperature}: set a positive temperature")
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         n = out0.shape[0]
         z = F.normalize(torch.cat([out0, out1]), dim=1)  # (2N, D): this process's anchors
-        if self.gather_distributed and dist.world_size() > 1:
-            rank, world = dist.rank(), dist.world_size()
-            z0_all = torch.cat(dist.gather(z[:n]))  # (M, D), M = world * N, rank-major
-            z1_all = torch.cat(dist.gather(z[n:]))
-            candidates = torch.cat([z0_all, z1_all])  # (2M, D)
-        else:
-            rank, world = 0, 1
-            candidates = z
-        m = n * world
+        candidates, first = z, 0  # first: the global index of our first sample
+        if self.gather_distributed:
+            # (M, D) per view, M = world_size * N, rank-major; (2M, D) together
+            candidates, first = torch.cat([gather(z[:n]), gather(z[n:])]), rank() * n
+        m = candidates.shape[0] // 2
         logits = z @ candidates.T / self.temperature  # (2N, 2M)
-        own = torch.arange(n, device=z.device) + rank * n  # (N,): our samples' global indices
+        own = torch.arange(n, device=z.device) + first  # (N,): our samples' global indices
         self_col = torch.cat([own, own + m])  # (2N,): each anchor's own column
         positive = torch.cat([own + m, own])  # (2N,): its other view's column
         logits = logits.scatter(1, self_col[:, None], float("-inf"))

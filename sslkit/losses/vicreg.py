@@ -7,11 +7,12 @@ Learning", ICLR 2022, https://arxiv.org/abs/2105.04906.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightly.loss.vicreg_loss import variance_loss
-from lightly.utils.dist import gather
 from torch import Tensor, nn
+
+from sslkit.distributed import gather
+from sslkit.errors import UserError
 
 
 class VICRegLoss(nn.Module):
@@ -22,8 +23,11 @@ class VICRegLoss(nn.Module):
     entries minus the diagonal's, where lightly indexes the D x D matrix with a boolean mask
     (at D = 8192, batch 4, one CPU thread: 1.6 s instead of 4.9 s forward and backward). With
     ``gather_distributed=True`` the variance and covariance terms use the embeddings of every
-    process, gathered with a backward that sums every process's gradient, so that under DDP's
-    averaging P processes of batch N equal one of batch P * N (``tests/test_distributed.py``).
+    process, gathered with a backward that sums every process's gradient
+    (``sslkit.distributed.gather``), so that under DDP's averaging P processes of batch N equal
+    one of batch P * N (``tests/test_distributed.py``).
+
+    ``terms`` gives the three weighted terms by name; ``forward`` returns their sum.
 
     Args:
         sim_weight: the invariance weight, the paper's lambda (25).
@@ -57,14 +61,28 @@ class VICRegLoss(nn.Module):
         self.eps = eps
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        terms = self.terms(z_a, z_b)
+        return terms["invariance"] + terms["variance"] + terms["covariance"]
+
+    def terms(self, z_a: Tensor, z_b: Tensor) -> dict[str, Tensor]:
+        """The loss's weighted terms, whose sum ``forward`` returns: ``invariance``
+        (``sim_weight`` times the MSE of this process's pairs), ``variance`` (``var_weight``
+        times the mean of the two views' std hinges) and ``covariance`` (``cov_weight`` times
+        the two views' squared off-diagonal covariances over D); each a scalar. Shapes as
+        ``forward``."""
         invariance = F.mse_loss(z_a, z_b)
-        if self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
-            z_a, z_b = torch.cat(gather(z_a)), torch.cat(gather(z_b))  # (P * N, D)
+        if self.gather_distributed:
+            z_a, z_b = gather(z_a), gather(z_b)  # (P * N, D)
         if len(z_a) < 2:
-            raise ValueError("VICRegLoss needs a batch of at least 2 for its variance and covariance terms")
+            raise UserError(f"VICRegLoss needs a batch of at least 2 for its variance and covariance terms, "
+                            f"got {len(z_a)}: use a larger batch")
         variance = 0.5 * (variance_loss(z_a, self.eps) + variance_loss(z_b, self.eps))
         covariance = _covariance_loss(z_a) + _covariance_loss(z_b)
-        return self.sim_weight * invariance + self.var_weight * variance + self.cov_weight * covariance
+        return {
+            "invariance": self.sim_weight * invariance,
+            "variance": self.var_weight * variance,
+            "covariance": self.cov_weight * covariance,
+        }
 
 
 def _covariance_loss(z: Tensor) -> Tensor:

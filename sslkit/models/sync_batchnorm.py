@@ -7,36 +7,10 @@ all-gather, so it works wherever ``torch.distributed`` does (gloo, NCCL).
 """
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
-class _AllGather(torch.autograd.Function):
-    """Stack every process's ``tensor`` into ``(world_size, *tensor.shape)``, differentiably.
-
-    Backward: the gradient w.r.t. this process's row, summed over the processes (each uses
-    every row), by an all-reduce of the whole (small) gradient: works on gloo, which has no
-    reduce-scatter. ``torch.distributed.nn.functional.all_gather`` does the same but torch
-    2.14 deprecates it (a FutureWarning) and refuses it under torch.compile.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
-        rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, tensor.contiguous())
-        return torch.stack(rows)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.contiguous().clone()  # all_reduce works in place
-        dist.all_reduce(grad)
-        return grad[dist.get_rank()]
-
-
-def _world_size() -> int:
-    """Processes to synchronise with: 1 when torch.distributed is not initialised."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from sslkit.distributed import gather, world_size
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -52,11 +26,12 @@ class SyncBatchNorm(_BatchNorm):
     output has the input's dtype. In eval mode, or with one process, it is nn.BatchNorm.
 
     Gradients: each process's loss depends on its own samples and on the global statistics,
-    which depend on every process's local statistics. The all-gather's backward sums, over
-    the processes, the gradients w.r.t. this process's local statistics, so each process
-    gets the gradient of the sum of all processes' losses w.r.t. its own samples and
-    parameters; once DDP averages the parameter gradients, the step equals one process's
-    step on the concatenated batch (for per-process losses that are means over equal shares).
+    which depend on every process's local statistics. The all-gather's backward
+    (``sslkit.distributed.gather``) sums, over the processes, the gradients w.r.t. this
+    process's local statistics, so each process gets the gradient of the sum of all
+    processes' losses w.r.t. its own samples and parameters; once DDP averages the parameter
+    gradients, the step equals one process's step on the concatenated batch (for
+    per-process losses that are means over equal shares).
 
     Shapes: input ``(N, C)`` or ``(N, C, *)`` -> output of the same shape and dtype.
 
@@ -71,7 +46,7 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D input")
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or _world_size() == 1:
+        if not self.training or world_size() == 1:
             return super().forward(input)  # exactly nn.BatchNorm
         self._check_input_dim(input)
 
@@ -85,7 +60,7 @@ class SyncBatchNorm(_BatchNorm):
         else:  # an empty local batch still takes part in the collectives
             var = mean = x.sum(dims)
         # one collective; per-process counts may differ
-        stats = _AllGather.apply(torch.cat([x.new_full((1,), count), mean, var]))
+        stats = gather(torch.cat([x.new_full((1,), count), mean, var])[None])  # (world_size, 1 + 2C)
         counts, means, vars_ = stats.split([1, channels, channels], dim=1)  # (world_size, *)
         # Chan et al.'s combination of the per-process (count, mean, variance); not
         # E[x^2] - E[x]^2, which loses ~1e-4 of a float32 variance when |mean| ~ 30 std
