@@ -335,5 +335,7 @@ def test_presets_and_overrides() -> None:
     cfg = AugmentConfig()
     pipeline = ViewPipeline(cfg, blur_prob=1.0)
     assert pipeline.cfg.blur_prob == 1.0 and cfg.blur_prob == 0.0
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="blur_probb"):  # pydantic's ValidationError
         ViewPipeline(cfg, blur_probb=1.0)
+    with pytest.raises(ValueError, match="blur_prob"):
+        ViewPipeline(cfg, blur_prob=1.5)

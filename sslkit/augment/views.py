@@ -67,7 +67,7 @@ class ViewPipeline(nn.Module):
 
     def __init__(self, cfg: AugmentConfig, normalize: bool = True, **overrides: object) -> None:
         super().__init__()
-        self.cfg = cfg.model_copy(update=overrides)
+        self.cfg = type(cfg).model_validate({**cfg.model_dump(), **overrides})  # checked as the recipe's
         self.normalize = normalize
         self.blur_kernel = self.cfg.blur_kernel or default_blur_kernel(self.cfg.size)
 
