@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ITU-R 601 luma weights, as kornia (torchvision rounds the first to 0.2989)
+# ITU-R 601 luma weights, as kornia and PIL (torchvision rounds the first to 0.2989)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -129,9 +129,23 @@ def _pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 def rgb_to_grayscale(images: Tensor) -> Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    weights = _constant(LUMA_WEIGHTS, images.device, images.dtype).view(1, 3, 1, 1)
-    return (images * weights).sum(1, keepdim=True)
+    """ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``: sslkit's one RGB-to-gray conversion, of
+    the augmentations, the datasets (``sslkit.data.match_channels``) and every image decoder.
+
+    Float images keep their dtype. Integer (uint8) images are computed in float32 and rounded
+    to the nearest level, so a gray image stored as RGB (R = G = B) comes back unchanged; PIL's
+    ``convert("L")`` (16-bit fixed point) and torchvision's ``rgb_to_grayscale`` (0.2989,
+    truncation) can differ from it by one level.
+
+    Shapes: (..., 3, H, W) -> (..., 1, H, W).
+    """
+    r, g, b = images.unbind(-3)
+    # Scalar weights: no constant to copy to the device; uint8 channels promote to float32.
+    # Separate products and sums (no fused multiply-add): the same roundings on every device.
+    gray = LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b
+    if not images.is_floating_point():
+        gray = gray.round_().to(images.dtype)
+    return gray.unsqueeze(-3)
 
 
 def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:

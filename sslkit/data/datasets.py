@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import numpy as np
 import torch
 
+from sslkit.augment.ops import rgb_to_grayscale
 from sslkit.config import DataConfig
 from sslkit.registry import Registry
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 SPLITS = ("train", "test")
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages install
 CACHE_DIR = Path.home() / ".cache" / "sslkit"  # torchvision downloads land here when data.root is unset
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 BAD_IMAGES = ("error", "skip")  # the values of data.bad_images
 
 
@@ -80,16 +80,15 @@ def check_bad_images(value: str) -> None:
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """(N, C, H, W) uint8 -> (N, channels, H, W): 1 -> 3 is a free ``expand`` view, 3 -> 1 is luma."""
-    have = images.shape[1]
+    """(..., C, H, W) uint8 -> (..., channels, H, W): 1 -> 3 is a free ``expand`` view, 3 -> 1
+    is ``sslkit.augment.rgb_to_grayscale`` (ITU-R 601 luma, rounded), as every decoder does."""
+    have = images.shape[-3]
     if have == channels:
         return images
     if (have, channels) == (1, 3):
-        return images.expand(-1, 3, -1, -1)
+        return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
     if (have, channels) == (3, 1):
-        weights = torch.tensor(_GRAY_WEIGHTS, device=images.device).view(1, 3, 1, 1)
-        gray = (images.float() * weights).sum(1, keepdim=True)  # (N, 1, H, W)
-        return gray.round_().clamp_(0, 255).to(torch.uint8)
+        return rgb_to_grayscale(images)
     raise ValueError(f"cannot convert {have}-channel images to {channels} channels (only 1 <-> 3)")
 
 

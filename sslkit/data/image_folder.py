@@ -33,7 +33,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from sslkit.config import DataConfig
-from sslkit.data.datasets import DATASETS, check_bad_images
+from sslkit.data.datasets import DATASETS, check_bad_images, match_channels
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what the decoders below read
 _SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}  # ImageNet calls its test split "val"
@@ -61,7 +61,10 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
     (libjpeg-turbo / libwebp; a truncated JPEG raises). PNG goes to Pillow: torchvision's
     libpng decoder crashes the process (SIGSEGV) on PNG data that fails its checksums, where
     Pillow raises. Grayscale, alpha, palette, 16-bit and CMYK images become ``channels``
-    channels of 8 bits (alpha is dropped, 16-bit samples keep their high byte).
+    channels of 8 bits (alpha is dropped, 16-bit samples keep their high byte): each decoder
+    gives the file's gray, or RGB, and ``match_channels`` makes ``channels`` of it, so every
+    format and decoder turns colour into gray with the same ``rgb_to_grayscale``, and a gray
+    file's levels stay as they are.
     """
     try:
         raw = np.fromfile(path, dtype=np.uint8)  # (bytes,), writable: no copy for torch
@@ -70,18 +73,15 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
         head = raw[:12].tobytes()
         webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
         if head.startswith(_PNG_SIGNATURE):
-            image = _decode_png(raw, channels)
+            image = _decode_png(raw)
         elif not (head.startswith(_TORCHVISION_SIGNATURES) or webp):
             raise ValueError(f"not a JPEG, PNG or WebP image (it starts with {head!r})")
         else:
-            # torchvision's WebP decoder ignores GRAY (and says so on stderr): RGB, then luma below.
-            gray = channels == 1 and not webp
-            mode = tio.ImageReadMode.GRAY if gray else tio.ImageReadMode.RGB
-            image = tio.decode_image(torch.from_numpy(raw), mode=mode)
+            # RGB, not libjpeg's GRAY (its Y channel, not our luma of the RGB); a gray JPEG's RGB
+            # is its gray repeated, which rgb_to_grayscale maps back exactly.
+            image = tio.decode_image(torch.from_numpy(raw), mode=tio.ImageReadMode.RGB)
             if image.dim() == 4:  # (frames, C, H, W): an animated GIF under an image extension, its first frame
                 image = image[0]
-            if channels == 1 and image.shape[0] == 3:
-                image = TF.rgb_to_grayscale(image)
     except Exception as err:  # OSError, RuntimeError, PIL errors (some are SyntaxError): all mean a bad file
         if isinstance(err, OSError) and err.strerror:  # cannot read the file: no such file, permission
             reason = err.strerror
@@ -96,15 +96,16 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
             f"cannot decode image {path}: {reason}. Remove or replace this file, "
             f"or set {_SKIP_HINT} to train on without it (each such sample is replaced by the next image)"
         ) from err
-    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != channels or 0 in image.shape:
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3) or 0 in image.shape:
         raise BadImageError(
             f"cannot decode image {path}: decoded to {image.dtype} {tuple(image.shape)}, not uint8 "
-            f"({channels}, H, W). Remove or replace this file, or set {_SKIP_HINT}"
+            f"(1 or 3, H, W). Remove or replace this file, or set {_SKIP_HINT}"
         )
-    return image
+    return match_channels(image, channels)
 
 
-def _decode_png(raw: np.ndarray, channels: int) -> torch.Tensor:
+def _decode_png(raw: np.ndarray) -> torch.Tensor:
+    """PNG bytes as uint8 (1, H, W) for a gray file, else (3, H, W) RGB; alpha dropped."""
     with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
         im.load()  # decodes; truncated or corrupt data raises here
         if im.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer gray: keep the high byte of 16 bits
@@ -112,9 +113,11 @@ def _decode_png(raw: np.ndarray, channels: int) -> torch.Tensor:
             im = Image.fromarray(gray.astype(np.uint8), mode="L")
         elif im.mode == "P":
             im = im.convert("RGBA")  # palette transparency, without Pillow's warning
-        im = im.convert("RGB" if channels == 3 else "L")  # drops alpha; L from RGB is ITU-R 601 luma
-        array = np.asarray(im)  # (H, W, 3) or (H, W)
-    return torch.from_numpy(array.copy()).view(array.shape[0], array.shape[1], channels).permute(2, 0, 1)
+        # Pillow's "L" of a colour image is its own luma (fixed point): colour goes to RGB, and
+        # match_channels makes the gray
+        im = im.convert("L" if im.mode in ("1", "L", "LA") else "RGB")
+        array = np.asarray(im)  # (H, W) or (H, W, 3)
+    return torch.from_numpy(array.copy()).view(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 
 def check_decode(value: str) -> None:
@@ -166,7 +169,8 @@ class ImageFolder(torch.utils.data.Dataset):
     """Image files as ``(uint8 (C, S, S), label)`` items; build one with ``ImageFolder.scan``.
 
     Each image is decoded (RGB, or grayscale with ``channels=1``, whatever the file's own
-    mode), its shorter side resized to ``image_size`` (antialiased) and centre-cropped to a
+    mode; colour becomes gray by ``sslkit.augment.rgb_to_grayscale`` for every format and
+    decoder), its shorter side resized to ``image_size`` (antialiased) and centre-cropped to a
     square. ``bad_images`` ("error" | "skip") says what an undecodable file does; see
     ``load``. ``decode`` ("workers" | "device") is where ``Batches`` decodes JPEG files: items
     (``[i]``, ``load``) are decoded here either way; with "device" a batch is ``read`` by
@@ -275,26 +279,28 @@ class ImageFolder(torch.utils.data.Dataset):
 
         ``images``: one uint8 ``(C, S, S)`` on ``device`` per file, as ``load`` gives it up to
         the decoder (nvjpeg on CUDA rounds differently from libjpeg-turbo: a grey level or
-        two). One batched ``decode_jpeg`` call; when it fails, each file alone, and a file that
-        fails alone is loaded on the CPU by ``load(indices[i])``, which applies
-        ``bad_images`` (raises its ``BadImageError``, or uses the next decodable image).
+        two): decoded to RGB, then ``match_channels`` as ``load`` does. One batched
+        ``decode_jpeg`` call; when it fails, each file alone, and a file that fails alone is
+        loaded on the CPU by ``load(indices[i])``, which applies ``bad_images`` (raises its
+        ``BadImageError``, or uses the next decodable image).
         ``fallbacks``: ``(i, label, bad)`` for each such file, ``label`` that of the image used.
         """
         device = torch.device(device)
-        mode = tio.ImageReadMode.RGB if self.channels == 3 else tio.ImageReadMode.GRAY
         try:
-            decoded: list[Optional[torch.Tensor]] = list(tio.decode_jpeg(jpegs, mode=mode, device=device))
+            decoded: list[Optional[torch.Tensor]] = list(
+                tio.decode_jpeg(jpegs, mode=tio.ImageReadMode.RGB, device=device)
+            )
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:  # one bad file fails the whole call: find it
-            decoded = [_decode_jpeg_alone(jpeg, mode, device) for jpeg in jpegs]
+            decoded = [_decode_jpeg_alone(jpeg, device) for jpeg in jpegs]
         images: list[Optional[torch.Tensor]] = [None] * len(jpegs)
         sizes: dict[tuple[int, ...], list[int]] = {}  # images of one size are resized together
         for i, image in enumerate(decoded):
-            if image is not None and image.dim() == 3 and image.shape[0] == self.channels and image.numel() > 0:
+            if image is not None and image.dim() == 3 and image.shape[0] == 3 and image.numel() > 0:
                 sizes.setdefault(tuple(image.shape), []).append(i)
         for members in sizes.values():
-            group = _stack([decoded[i] for i in members])  # type: ignore[misc]
+            group = match_channels(_stack([decoded[i] for i in members]), self.channels)  # type: ignore[misc]
             for i, image in zip(members, self._fit(group).unbind(0)):
                 images[i] = image
         fallbacks = []
@@ -329,10 +335,10 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images)
 
 
-def _decode_jpeg_alone(jpeg: torch.Tensor, mode: tio.ImageReadMode, device: torch.device) -> Optional[torch.Tensor]:
-    """``decode_jpeg`` of one file, None where it fails."""
+def _decode_jpeg_alone(jpeg: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+    """``decode_jpeg`` of one file to RGB, None where it fails."""
     try:
-        return tio.decode_jpeg(jpeg, mode=mode, device=device)
+        return tio.decode_jpeg(jpeg, mode=tio.ImageReadMode.RGB, device=device)
     except torch.OutOfMemoryError:
         raise
     except RuntimeError:
