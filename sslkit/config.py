@@ -195,6 +195,15 @@ class AugmentConfig(KindSection):
     # [{name: RandomSharpness, sharpness: 0.5, p: 0.3}, ...]
     extra: tuple[dict[str, Any], ...] = ()
 
+    @field_validator("extra")
+    @classmethod
+    def _kornia_names(cls, extra: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        from sslkit.augment.extra import extra_from_config  # kornia only when extras are named
+
+        if extra:
+            extra_from_config(extra)  # an unknown name or bad arguments: one line naming augment.extra[i]
+        return extra
+
 
 class OptimConfig(KindSection):
     """What every optimiser shares: the learning-rate and weight-decay schedules, clipping.

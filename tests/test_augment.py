@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import kornia
+import kornia.augmentation as K
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from torch.profiler import ProfilerActivity, profile
 from torchvision.transforms import RandomResizedCrop
 
 from sslkit.augment import (
@@ -28,7 +30,7 @@ from sslkit.augment import (
     sample_crop_boxes,
     solarize,
 )
-from sslkit.config import AugmentConfig
+from sslkit.config import AugmentConfig, load_config
 from sslkit.errors import UserError
 
 # no augmentation at all: identity crop, no flip, no colour change
@@ -160,6 +162,33 @@ def test_resized_crop_flip_whole_image_matches_resize_including_border() -> None
     ref = TF.resize(images, [30, 25], antialias=False)
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], TF.horizontal_flip(ref[1]), atol=1e-5, rtol=0)
+
+
+def test_resized_crop_flip_several_crops_per_image_equal_one_crop_per_row() -> None:
+    """(B, V, 4) boxes: the V crops of each image from the one image equal crops of the image
+    repeated V times, and come back as (B, V, C, S, S)."""
+    images = _float(5, 3, 24, 20)
+    boxes = sample_crop_boxes(5 * 4, 24, 20, (0.1, 1.0), generator=_gen(1))  # (B * V, 4), image-major
+    flip = torch.arange(5 * 4) % 3 == 0
+    several = resized_crop_flip(images, boxes.view(5, 4, 4), flip.view(5, 4), 12)
+    one_per_row = resized_crop_flip(images.repeat_interleave(4, 0), boxes, flip, 12)
+    assert several.shape == (5, 4, 3, 12, 12)
+    torch.testing.assert_close(several.flatten(0, 1), one_per_row, atol=1e-6, rtol=0)
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest allocation one op makes (with its children) while ``fn()`` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_multicrop_converts_the_source_once_and_never_copies_it_per_view() -> None:
+    """Six local views of 8 px from 64 px images: no op allocates more than the float source
+    (staging its V copies, as views were made before, allocates six times as much)."""
+    images = _uint8(8, 3, 64, 64)
+    views = create_augment(augment_config("multicrop", size=16, local_crops=6, local_size=8))
+    assert _largest_allocation(lambda: views(images, _gen(0))) <= images.numel() * 4
 
 
 def _per_sample_reference(fn, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -339,3 +368,105 @@ def test_presets_and_overrides() -> None:
         ViewPipeline(cfg, blur_probb=1.0)
     with pytest.raises(ValueError, match="blur_prob"):
         ViewPipeline(cfg, blur_prob=1.5)
+
+
+# ---------------------------------------------------------------- kornia extras
+
+SHARPEN = {"name": "RandomSharpness", "sharpness": (1.5, 2.0)}  # factors above 1 sharpen every pixel inside
+
+
+def _extra_cfg(*extra: dict, **fields) -> AugmentConfig:
+    preset = fields.pop("preset", "multicrop")
+    local = {"local_crops": 3, "local_size": 8} if preset == "multicrop" else {}
+    return augment_config(preset, **{"size": 16, "blur_prob": 0.5, **local, **fields, "extra": extra})
+
+
+def _assert_all_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_extra_at_p1_changes_every_view_and_at_p0_none() -> None:
+    images = _uint8(8, 3, 24, 24)
+    plain = create_augment(_extra_cfg())(images, _gen(3))
+    changed = create_augment(_extra_cfg({**SHARPEN, "p": 1.0}))(images, _gen(3))
+    for a, b in zip(plain, changed):
+        assert (a - b).abs().flatten(1).amax(1).min() > 1e-3  # every view of every image
+    unchanged = create_augment(_extra_cfg({**SHARPEN, "p": 0.0}))(images, _gen(3))
+    _assert_all_equal(unchanged, plain)  # bitwise: the extras draw nothing from the views' generator
+
+
+def test_extra_applies_before_normalisation() -> None:
+    """kornia sees [0, 1] images: inverting them (1 - x) and then normalising is what comes out."""
+    images = _uint8(4, 3, 16, 16)
+    cfg = _extra_cfg({"name": "RandomInvert", "p": 1.0}, preset="simclr")
+    raw = ViewPipeline(cfg, normalize=False)
+    expected = normalize(1 - raw.several(images, [(cfg.blur_prob, cfg.solarize_prob)] * 2, _gen(1))[1],
+                         cfg.mean, cfg.std)
+    torch.testing.assert_close(create_augment(cfg)(images, _gen(1))[1], expected)
+
+
+def test_extra_same_seed_same_views_and_a_resumed_generator_continues_alike() -> None:
+    images = _uint8(8, 3, 24, 24)
+    views = create_augment(_extra_cfg({**SHARPEN, "p": 0.5}, {"name": "RandomGaussianNoise", "std": 0.1, "p": 0.5}))
+    generator = _gen(4)
+    first = views(images, generator)
+    saved = generator.get_state()  # what a checkpoint holds
+    second = views(images, generator)
+    resumed = torch.Generator()
+    resumed.set_state(saved)
+    _assert_all_equal(views(images, resumed), second)
+    _assert_all_equal(views(images, _gen(4)), first)
+    assert not torch.allclose(first[0], second[0])  # the next step draws anew
+    rng = torch.get_rng_state()
+    views(images, _gen(4))
+    assert torch.equal(torch.get_rng_state(), rng)  # torch's global RNG is left as it was
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("simclr", ({**SHARPEN, "p": 0.5}, {"name": "RandomAffine", "degrees": 20.0, "p": 0.5})),
+    # one view of 4 images: a global batch of 4 rows, which ColorJitter's per-call ``order`` (a
+    # permutation of its 4 ops) also has; it must not be split between the processes
+    ("single", ({"name": "ColorJitter", "brightness": 0.3, "contrast": 0.3, "hue": 0.1, "p": 0.5},)),
+])
+def test_extra_sharded_views_equal_the_global_batch(preset: str, extra: tuple[dict, ...]) -> None:
+    """Two processes' rows, concatenated, equal the one-process views (2 images per process)."""
+    images = _uint8(4, 3, 16, 16)
+    views = create_augment(_extra_cfg(*extra, preset=preset))
+    whole = views(images, _gen(5))
+    parts = [views(part, _gen(5), (rank, 2)) for rank, part in enumerate(images.chunk(2))]
+    for v, view in enumerate(whole):
+        assert torch.equal(torch.cat([part[v] for part in parts]), view)
+    # the shard matters: drawn for 2 images only, the first process's views would differ
+    assert not torch.equal(views(images[:2], _gen(5))[0], whole[0][:2])
+
+
+def test_extra_modules_from_python_and_from_the_config_are_the_same() -> None:
+    images = _uint8(6, 3, 20, 20)
+    from_config = create_augment(_extra_cfg({**SHARPEN, "p": 0.5}))(images, _gen(6))
+    modules = [K.RandomSharpness(sharpness=(1.5, 2.0), p=0.5)]
+    _assert_all_equal(create_augment(_extra_cfg(), extra=modules)(images, _gen(6)), from_config)
+    views = create_augment(_extra_cfg())
+    _assert_all_equal(MultiView(views.pipelines, extra=modules)(images, _gen(6)), from_config)
+    with pytest.raises(TypeError, match="AugmentationBase2D"):
+        MultiView(views.pipelines, extra=[torch.nn.Identity()])
+
+
+def test_extra_from_a_recipe_override() -> None:
+    cfg = load_config(None, ["augment.extra=[{name: RandomSharpness, sharpness: 0.5, p: 0.3}]"])
+    assert cfg.augment.extra == ({"name": "RandomSharpness", "sharpness": 0.5, "p": 0.3},)
+    [module] = create_augment(cfg.augment).extra.augmentations
+    assert isinstance(module, K.RandomSharpness) and module.p == 0.3
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"name": "RandomSharpnes", "p": 0.3}, r"^augment\.extra\[1\]\.name: 'RandomSharpnes' is not a per-image kornia "
+                                          r"augmentation \(did you mean 'RandomSharpness'\?\)"),
+    ({"name": "RandomSharpness", "sharpnes": 0.5}, r"^augment\.extra\[1\]: RandomSharpness\(sharpnes=0\.5\) failed: "
+                                                  r"TypeError: .*sharpnes"),
+    ({"sharpness": 0.5}, r"^augment\.extra\[1\]: expected a mapping with the name of a kornia augmentation"),
+    ({"name": "RandomMixUpV2"}, r"^augment\.extra\[1\]\.name: 'RandomMixUpV2' is not a per-image kornia augmentation"),
+])
+def test_extra_bad_entries_are_one_line_user_errors(extra: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as err:
+        create_augment(_extra_cfg({**SHARPEN, "p": 0.5}, extra))
+    assert "\n" not in str(err.value)

@@ -56,3 +56,26 @@ def test_throughput_smoke_reports_every_measurement(tmp_path: Path) -> None:
     assert targets and all(t["setting"] in SETTINGS and isinstance(t["pass"], bool) for t in targets)
     assert sum(line.startswith(("PASS", "FAIL")) for line in proc.stdout.splitlines()) == len(targets)
     assert "wall time" in proc.stdout and report["torch"] in proc.stdout
+
+
+def test_multiview_memory_smoke_reports_both_ways(tmp_path: Path) -> None:
+    """benchmarks/multiview_memory.py at its ``--smoke`` size: both ways measured (each in its
+    own process), their ratios, and the same views from both."""
+    report_path = tmp_path / "multiview.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "multiview_memory.py"), "--smoke", "--repeats", "1",
+         "--json", str(report_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "smoke" and report["view_sizes"] == [32, 32] + [16] * 10
+    for way in ("before", "after"):
+        assert positive(report[way]["img_per_s"]) and report[way]["peak_mib"] >= 0, report[way]
+    assert report["peak_ratio"] is None or positive(report["peak_ratio"])  # None: no new pages after
+    assert positive(report["speed_ratio"])
+    assert report["max_abs_difference"] == 0.0
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("before (staging)") for line in lines), proc.stdout
+    assert any(line.startswith("after (one source)") for line in lines), proc.stdout

@@ -1,5 +1,6 @@
 """GPU batch augmentation: per-sample random parameters, whole-batch kernels."""
 
+from sslkit.augment.extra import ExtraAugment, extra_from_config
 from sslkit.augment.ops import (
     adjust_brightness,
     adjust_contrast,
@@ -21,6 +22,7 @@ __all__ = [
     "AsymmetricConfig",
     "MultiCropConfig",
     "augment_config",
+    "ExtraAugment",
     "MultiView",
     "PRESETS",
     "ViewPipeline",
@@ -30,6 +32,7 @@ __all__ = [
     "adjust_saturation",
     "create_augment",
     "eval_transform",
+    "extra_from_config",
     "gaussian_blur",
     "gaussian_kernel1d",
     "normalize",

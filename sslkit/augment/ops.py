@@ -31,8 +31,8 @@ def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtyp
 
 
 def _per_sample(values: Tensor) -> Tensor:
-    """(B,) -> (B, 1, 1, 1), to broadcast over (B, C, H, W)."""
-    return values.view(-1, 1, 1, 1)
+    """(B,) -> (B, 1, 1, 1), to broadcast over (B, C, H, W); (B, V) -> (B, V, 1, 1, 1) likewise."""
+    return values[..., None, None, None]
 
 
 def _choose(where_false: Tensor, where_true: Tensor, condition: Tensor) -> Tensor:
@@ -100,15 +100,22 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int | t
     within half a pixel of its edge, the neighbouring image pixel is blended in instead of the
     edge being repeated (no antialiasing when a crop is shrunk, like kornia).
 
-    images: (B, C, H, W) float; boxes: (B, 4) ``x0, y0, w, h`` in pixels; flip: (B,) bool.
-    Returns (B, C, size, size), or (B, C, *size) for a pair.
+    Several crops of each image: boxes (B, V, 4) and flip (B, V) give (B, V, C, size, size),
+    still one ``grid_sample``: each image's V sampling grids are stacked along the output
+    height, so the image is read V times but never copied V times. That result is a strided
+    view of the (B, C, V * size, size) resampling (its views are not contiguous rows).
+
+    images: (B, C, H, W) float; boxes: (B, 4) ``x0, y0, w, h`` in pixels, or (B, V, 4); flip:
+    (B,) or (B, V) bool. Returns (B, C, size, size), or (B, V, C, size, size); (..., *size) for a pair.
     """
     batch, channels, height, width = images.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    boxes = boxes.to(images.dtype)
-    x0, y0, w, h = boxes.unbind(1)  # (B,) each
+    several = boxes.dim() == 3
+    boxes = boxes.view(batch, -1, 4).to(images.dtype)  # (B, V, 4)
+    views = boxes.shape[1]
+    x0, y0, w, h = boxes.unbind(-1)  # (B, V) each
     # output x in [-1, 1] maps to input pixel x0 + (x + 1) / 2 * w - 0.5, in grid units:
-    scale_x = torch.where(flip, -w, w) / width
+    scale_x = torch.where(flip.view(batch, views), -w, w) / width
     shift_x = (2 * x0 + w) / width - 1
     scale_y = h / height
     shift_y = (2 * y0 + h) / height - 1
@@ -116,11 +123,15 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int | t
     # built from its two axes: its general (B, h*w, 3) x (B, 3, 2) product is 5x slower on the CPU
     xs = _pixel_centres(out_w, images.device, images.dtype)  # (w,)
     ys = _pixel_centres(out_h, images.device, images.dtype)  # (h,)
-    grid_x = torch.addcmul(shift_x[:, None], scale_x[:, None], xs)  # (B, w)
-    grid_y = torch.addcmul(shift_y[:, None], scale_y[:, None], ys)  # (B, h)
-    grid = torch.stack([grid_x[:, None, :].expand(-1, out_h, -1), grid_y[:, :, None].expand(-1, -1, out_w)], -1)
+    grid_x = torch.addcmul(shift_x[..., None], scale_x[..., None], xs)  # (B, V, w)
+    grid_y = torch.addcmul(shift_y[..., None], scale_y[..., None], ys)  # (B, V, h)
+    grid = torch.stack([grid_x[:, :, None, :].expand(-1, -1, out_h, -1),
+                        grid_y[..., None].expand(-1, -1, -1, out_w)], -1)  # (B, V, h, w, 2)
     # border padding repeats the image edge, as torchvision does for a crop at the edge
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(images, grid.view(batch, views * out_h, out_w, 2), mode="bilinear",
+                        padding_mode="border", align_corners=False)  # (B, C, V * h, w)
+    out = out.view(batch, channels, views, out_h, out_w).transpose(1, 2)  # (B, V, C, h, w)
+    return out if several else out.squeeze(1)
 
 
 def _pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -148,9 +159,13 @@ def rgb_to_grayscale(images: Tensor) -> Tensor:
     return gray.unsqueeze(-3)
 
 
-def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
-    """torchvision's ``adjust_brightness``: ``clamp(image * factor)``; factor: (B,)."""
-    return (images * _per_sample(factor)).clamp_(0, 1)
+def adjust_brightness(images: Tensor, factor: Tensor, out: Tensor | None = None) -> Tensor:
+    """torchvision's ``adjust_brightness``: ``clamp(image * factor)``; factor: (B,).
+
+    Also (B, V, C, H, W) images with a (B, V) factor. ``out``: a tensor of the images' shape to
+    write into (e.g. a contiguous one, for strided images), else a new one.
+    """
+    return torch.mul(images, _per_sample(factor), out=out).clamp_(0, 1)
 
 
 def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:

@@ -10,6 +10,9 @@ from typing import Any, Callable
 
 from pydantic import Field, field_validator
 
+from torch import nn
+
+from sslkit.augment.extra import extra_from_config
 from sslkit.augment.views import MultiView, ViewPipeline
 from sslkit.config import AugmentConfig, Count, FractionRange, Probability
 from sslkit.registry import Registry
@@ -100,10 +103,12 @@ def augment_config(preset: str = "simclr", **keys: Any) -> AugmentConfig:
     return PRESETS.config(preset)(preset=preset, **keys)
 
 
-def create_augment(cfg: AugmentConfig) -> MultiView:
-    """The views of ``cfg.preset``, parameterised by ``cfg`` (a base ``AugmentConfig`` naming a
-    preset with keys of its own gets that preset's defaults for them)."""
+def create_augment(cfg: AugmentConfig, extra: Sequence[nn.Module] = ()) -> MultiView:
+    """The views of ``cfg.preset``, parameterised by ``cfg``, extended with the kornia
+    augmentations of ``cfg.extra`` and then the modules ``extra`` (see ``MultiView``). A base
+    ``AugmentConfig`` naming a preset with keys of its own gets that preset's defaults for them."""
     own = PRESETS.config(cfg.preset)
     if not isinstance(cfg, own):
         cfg = own.model_validate(cfg.model_dump(exclude_unset=True))
-    return PRESETS.get(cfg.preset)(cfg)
+    views = PRESETS.get(cfg.preset)(cfg)
+    return MultiView(views.pipelines, [*extra_from_config(cfg.extra), *extra])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.augment import ops
+from sslkit.augment.extra import ExtraAugment
 from sslkit.config import AugmentConfig
 
 
@@ -92,31 +93,47 @@ class ViewPipeline(nn.Module):
         shard: tuple[int, int] = (0, 1),
     ) -> list[Tensor]:
         """V views of each image in one call, view v blurred with probability ``probs[v][0]`` and
-        solarised with ``probs[v][1]``, otherwise as ``forward``: V float32 (B, 3, S, S).
+        solarised with ``probs[v][1]``, otherwise as ``forward``: V float32 (B, 3, S, S)."""
+        return self.finish(self.raw_views(images.float(), probs, generator, shard))
 
-        The batch is repeated image-major (image j's views in rows j * V to j * V + V - 1), so
-        that a process's rows are still its slice of the global batch's draws (``shard``).
+    def raw_views(
+        self, source: Tensor, probs: Sequence[tuple[float, float]], generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Tensor:
+        """``several``'s views before normalisation: float (B, C, H, W) in [0, 255] -> (B, V, 3, S, S) in [0, 1].
+
+        ``source`` is the uint8 batch converted to float once (``MultiView`` converts it once for
+        all its pipelines). The parameters are drawn for image-major rows (image j's views in
+        rows j * V to j * V + V - 1) of the global batch, so that a process's rows are still
+        its slice of the global batch's draws (``shard``); all V crops of an image are sampled
+        from the one source image in a single resampling, without V copies of it.
         """
         cfg = self.cfg
         views = len(probs)
-        if views > 1:
-            images = images.repeat_interleave(views, 0)  # (B * V, C, H, W)
-        batch, channels, height, width = images.shape
-        device = images.device
+        batch = source.shape[0]
+        device = source.device
         rank, world_size = shard
-        n, rows = batch * world_size, slice(rank * batch, (rank + 1) * batch)  # draws, and ours
+        n, rows = batch * views * world_size, slice(rank * batch * views, (rank + 1) * batch * views)  # draws, ours
         blur_prob, solarize_prob = (_per_view(p, n, views, device) for p in zip(*probs))  # (n,) or float each
 
-        boxes = ops.sample_crop_boxes(n, height, width, cfg.scale, cfg.ratio, generator, device)[rows]
-        flip = _coin(n, cfg.hflip_prob, generator, device)[rows]
+        boxes = ops.sample_crop_boxes(n, *source.shape[-2:], cfg.scale, cfg.ratio, generator, device)[rows]
+        flip = _coin(n, cfg.hflip_prob, generator, device)[rows]  # (B * V,)
         # crop a single grey channel before expanding it: 3x less resampling
-        x = ops.resized_crop_flip(images.float(), boxes, flip, cfg.size)  # (B, C, S, S) in [0, 255]
-        x = x.expand(-1, 3, -1, -1)  # (B, 3, S, S), a view for C = 1
-
+        crops = ops.resized_crop_flip(source, boxes.view(batch, views, 4), flip.view(batch, views), cfg.size)
+        crops = crops.expand(-1, -1, 3, -1, -1)  # (B, V, 3, S, S) in [0, 255], strided
+        # [0, 255] -> [0, 1], riding on the brightness multiply when jittering, written into
+        # image-major rows: the strided crops become contiguous in this pass, with no copy of their own
+        x = torch.empty((batch, views, 3, cfg.size, cfg.size), device=device, dtype=source.dtype)
         if cfg.jitter_prob > 0:
-            x = self._color_jitter(x, generator, n, rows)  # (B, 3, S, S) in [0, 1]
+            brightness, adjustments = self._jitter_factors(generator, n, rows, device)
+            ops.adjust_brightness(crops, brightness.view(batch, views) / 255, out=x)
         else:
-            x = x / 255
+            adjustments = []
+            torch.div(crops, 255, out=x)
+        del crops  # freed before the colour ops, which need several tensors of its size at once
+        x = x.flatten(0, 1)  # (B * V, 3, S, S) in [0, 1]
+        for adjust, factor in adjustments:
+            x = adjust(x, factor)
         if cfg.gray_prob > 0:
             x = ops.random_grayscale(x, _coin(n, cfg.gray_prob, generator, device)[rows])
         if any(p > 0 for p, _ in probs):
@@ -125,24 +142,29 @@ class ViewPipeline(nn.Module):
             x = ops.gaussian_blur(x, sigma, self.blur_kernel, blur)
         if any(p > 0 for _, p in probs):
             x = ops.solarize(x, 0.5, _coin(n, solarize_prob, generator, device)[rows])
-        if self.normalize:
-            x = ops.normalize(x, cfg.mean, cfg.std)
-        return list(x.unflatten(0, (-1, views)).unbind(1)) if views > 1 else [x]
+        return x.unflatten(0, (batch, views))
 
-    def _color_jitter(self, x: Tensor, generator: torch.Generator | None, n: int, rows: slice) -> Tensor:
-        """x: (B, 3, S, S) in [0, 255] -> jittered, in [0, 1]; factors drawn for n samples, ``rows`` used."""
+    def finish(self, views: Tensor) -> list[Tensor]:
+        """``raw_views``' (B, V, 3, S, S) in [0, 1] -> V (B, 3, S, S), normalised unless ``normalize=False``."""
+        if self.normalize:
+            views = ops.normalize(views, self.cfg.mean, self.cfg.std)
+        return list(views.unbind(1))
+
+    def _jitter_factors(
+        self, generator: torch.Generator | None, n: int, rows: slice, device: torch.device
+    ) -> tuple[Tensor, list[tuple[Callable[[Tensor, Tensor], Tensor], Tensor]]]:
+        """Colour jitter's brightness factors (B,), and its contrast, saturation and hue ops
+        with their factors (B,) each, in the order they apply; drawn for n samples, ``rows`` used."""
         cfg = self.cfg
-        jitter = _coin(n, cfg.jitter_prob, generator, x.device)
+        jitter = _coin(n, cfg.jitter_prob, generator, device)
         brightness = _jitter_factor(jitter, cfg.brightness, generator)[rows]
-        # the 1/255 of the uint8 -> [0, 1] conversion rides on the brightness multiply
-        x = ops.adjust_brightness(x, brightness / 255)
-        if cfg.contrast > 0:
-            x = ops.adjust_contrast(x, _jitter_factor(jitter, cfg.contrast, generator)[rows])
-        if cfg.saturation > 0:
-            x = ops.adjust_saturation(x, _jitter_factor(jitter, cfg.saturation, generator)[rows])
-        if cfg.hue > 0:
-            x = ops.adjust_hue(x, _jitter_factor(jitter, cfg.hue, generator, centre=0.0)[rows])
-        return x
+        adjustments = []
+        for adjust, strength, centre in ((ops.adjust_contrast, cfg.contrast, 1.0),
+                                         (ops.adjust_saturation, cfg.saturation, 1.0),
+                                         (ops.adjust_hue, cfg.hue, 0.0)):
+            if strength > 0:
+                adjustments.append((adjust, _jitter_factor(jitter, strength, generator, centre)[rows]))
+        return brightness, adjustments
 
 
 class MultiView(nn.Module):
@@ -150,13 +172,29 @@ class MultiView(nn.Module):
     and N local crops (views of different sizes, in pipeline order).
 
     Consecutive pipelines that differ at most in blur and solarisation probability (SimCLR's
-    and BYOL's two views, DINO's two global and its N local views) run as one call on the
-    repeated batch (``ViewPipeline.several``): one set of kernel launches instead of one per view.
+    and BYOL's two views, DINO's two global and its N local views) run as one call
+    (``ViewPipeline.raw_views``): one set of kernel launches instead of one per view, and
+    the uint8 batch is converted to float once for all of them.
+
+    ``extra``: kornia augmentation modules applied in order to every view, after the
+    pipelines' ops and before normalisation, with parameters drawn from the views' generator
+    (see ``sslkit.augment.extra``). For example, kornia's ``RandomSharpness`` on 30 % of the views:
+
+    Example:
+        >>> import kornia
+        >>> from sslkit.config import AugmentConfig
+        >>> cfg = AugmentConfig(size=16)
+        >>> views = MultiView([ViewPipeline(cfg), ViewPipeline(cfg)],
+        ...                   extra=[kornia.augmentation.RandomSharpness(0.5, p=0.3)])
+        >>> images = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+        >>> [tuple(v.shape) for v in views(images, torch.Generator().manual_seed(0))]
+        [(4, 3, 16, 16), (4, 3, 16, 16)]
     """
 
-    def __init__(self, pipelines: Sequence[ViewPipeline]) -> None:
+    def __init__(self, pipelines: Sequence[ViewPipeline], extra: Sequence[nn.Module] = ()) -> None:
         super().__init__()
         self.pipelines = nn.ModuleList(pipelines)
+        self.extra = ExtraAugment(extra)
         self.runs: list[list[ViewPipeline]] = []  # consecutive pipelines of one batch_key
         for pipeline in pipelines:
             if self.runs and self.runs[-1][0].batch_key() == pipeline.batch_key():
@@ -168,10 +206,14 @@ class MultiView(nn.Module):
         self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
     ) -> list[Tensor]:
         """images: uint8 (B, C, H, W) -> one float32 (B, 3, size_v, size_v) per pipeline v (``shard``: see ViewPipeline)."""
+        source = images.float()  # (B, C, H, W) in [0, 255]
         views: list[Tensor] = []
         for run in self.runs:
             probs = [(p.cfg.blur_prob, p.cfg.solarize_prob) for p in run]
-            views += run[0].several(images, probs, generator, shard)
+            x = run[0].raw_views(source, probs, generator, shard)  # (B, V, 3, S, S) in [0, 1]
+            if self.extra:
+                x = self.extra(x.flatten(0, 1), generator, shard).unflatten(0, x.shape[:2])
+            views += run[0].finish(x)
         return views
 
 
