@@ -141,7 +141,7 @@ def plot_run(run_dir: str | Path, limit: int = 2000) -> list[Path]:
     paths = [plot_curves(run_dir)]
     try:
         paths.append(plot_embedding(run_dir, limit=limit))
-    except FileNotFoundError as err:  # no backbone yet, or the run's dataset is not on this machine
+    except UserError as err:  # no backbone yet, or the run's dataset is not on this machine
         print(f"embedding skipped: {err}")
     return paths
 

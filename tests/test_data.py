@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision.io as tio
 
+from sslkit.errors import UserError
 from sslkit.config import DataConfig
 from sslkit.data import DATASETS, ImageData, load_dataset, make_batches, match_channels
 from sslkit.data import datasets as datasets_module
@@ -89,7 +90,7 @@ def test_missing_fashion_mnist_names_places(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr("torchvision.datasets.FashionMNIST", RecordingDownload)
     RecordingDownload.calls = []
     monkeypatch.setenv("SSLKIT_DATA", str(tmp_path / "env"))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "root")), "train")
     message = str(err.value)
     for place in ("root", "env/fashion-mnist", "env", "system/fashion-mnist", "cache"):
@@ -113,7 +114,7 @@ def test_corrupt_idx_names_file(tmp_path: Path) -> None:
     write_fashion_mnist(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-10]))
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz"):
         load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path)), "train")
 
 
@@ -166,7 +167,7 @@ def test_cifar_reads_back(tmp_path: Path, classes: int) -> None:
 
 
 def test_missing_cifar_names_places(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         load_dataset(DataConfig(name="cifar100", root=str(tmp_path / "root")), "test")
     message = str(err.value)
     assert str(tmp_path / "root" / "cifar-100-python") in message
@@ -243,16 +244,16 @@ def test_image_folder_without_split_folders(tmp_path: Path) -> None:
 
 def test_image_folder_errors(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "train")
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(UserError, match="image_size"):
         load_dataset(DataConfig(name="image_folder", root=str(tmp_path)), "train")
-    with pytest.raises(FileNotFoundError, match="test split"):
+    with pytest.raises(UserError, match="test split"):
         load_dataset(DataConfig(name="image_folder", root=str(tmp_path), image_size=8), "test")
     (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
     data = load_dataset(DataConfig(name="image_folder", root=str(tmp_path), image_size=8), "train")
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(UserError, match="broken.png"):
         [data[i] for i in range(len(data))]
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(UserError, match="no images"):
         load_dataset(DataConfig(name="image_folder", root=str(tmp_path / "empty"), image_size=8), "train")
 
 
@@ -311,9 +312,9 @@ def test_unshuffled_batches_shard_in_order() -> None:
 
 
 def test_batches_errors() -> None:
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         make_batches(indexed_data(0), 4, shuffle=True, drop_last=False, seed=0)
-    with pytest.raises(ValueError, match="lower the batch size"):
+    with pytest.raises(UserError, match="lower the batch size"):
         make_batches(indexed_data(10), 4, shuffle=True, drop_last=True, seed=0, rank=1, world_size=3)
     assert len(make_batches(indexed_data(10), 4, shuffle=True, drop_last=False, seed=0, world_size=3)) == 1
 

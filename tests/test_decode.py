@@ -17,9 +17,10 @@ import torch
 import torchvision.io as tio
 from PIL import Image
 
-from sslkit.config import DataConfig
+from sslkit.config import ConfigError, DataConfig, load_config
 from sslkit.data import ImageFolder, load_dataset, make_batches
 from sslkit.data.image_folder import BadImageError, BadImageWarning, device_jpeg
+from sslkit.errors import UserError
 
 S = 16  # data.image_size here
 pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning"),
@@ -235,11 +236,11 @@ def test_skip_with_every_jpeg_bad_is_an_error(tmp_path: Path) -> None:
 
 def test_invalid_decode_value(tmp_path: Path) -> None:
     write_folder(tmp_path, good_files(2))
-    with pytest.raises(ValueError, match=r"data.decode must be one of workers, device \(.*\), got 'gpu'"):
-        load_dataset(folder_cfg(tmp_path, decode="gpu"), "train")
-    with pytest.raises(ValueError, match="data.decode"):
+    with pytest.raises(ConfigError, match=r"data.decode='gpu': expected 'workers' or 'device'"):
+        load_config(None, ["data.decode=gpu"])
+    with pytest.raises(UserError, match=r"data.decode must be one of workers, device \(.*\), got 'Device'"):
         ImageFolder.scan(tmp_path, S, decode="Device")
-    data = load_dataset(DataConfig(name="synthetic", decode="gpu"), "train")  # in memory: no files to decode
+    data = load_dataset(DataConfig(name="synthetic", decode="device"), "train")  # in memory: no files to decode
     assert len(data) > 0
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.image import imread
 
+from sslkit.errors import UserError
 from sslkit.config import AugmentConfig, Config, DataConfig, ModelConfig
 from sslkit.data import load_dataset
 from sslkit.engine.checkpoint import export_backbone
@@ -93,7 +94,7 @@ def test_metric_panels_keep_the_latest_value_of_a_relogged_step() -> None:
 
 
 def test_missing_metrics_is_an_error_naming_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="sslkit train") as err:
+    with pytest.raises(UserError, match="sslkit train") as err:
         plot_curves(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere" / "metrics.jsonl") in str(err.value)
 
@@ -133,7 +134,7 @@ def test_plot_embedding_writes_a_scatter(run_dir: Path) -> None:
 
 def test_plot_embedding_without_backbone_is_an_error(run_dir: Path) -> None:
     (run_dir / "backbone.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="backbone.safetensors"):
+    with pytest.raises(UserError, match="backbone.safetensors"):
         plot_embedding(run_dir)
 
 

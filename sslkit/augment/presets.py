@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from torch import nn
 
@@ -29,10 +29,11 @@ class AsymmetricConfig(AugmentConfig):
 
     @field_validator("view_blur_probs", "view_solarize_probs")
     @classmethod
-    def _one_per_kind(cls, probs: tuple[float, ...], info: Any) -> tuple[float, ...]:
+    def _one_per_kind(cls, probs: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
         kinds = len(cls.model_fields[info.field_name].default)
         if len(probs) != kinds:
-            raise ValueError(f"expected {kinds} values, one per kind of view of preset {cls.model_fields['preset'].default!r}")
+            preset = cls.model_fields["preset"].default
+            raise ValueError(f"expected {kinds} values, one per kind of view of preset {preset!r}")
         return probs
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import numpy as np
 import torch
 
+from sslkit.errors import UserError
 from sslkit.augment.ops import rgb_to_grayscale
 from sslkit.config import DataConfig
 from sslkit.registry import Registry
@@ -73,7 +74,7 @@ DATASETS: Registry[Callable[[DataConfig, str], Dataset]] = Registry("dataset")
 
 def check_bad_images(value: str) -> None:
     if value not in BAD_IMAGES:
-        raise ValueError(
+        raise UserError(
             f"data.bad_images must be one of {', '.join(BAD_IMAGES)} (error: stop at an undecodable image "
             f"file, naming it; skip: count it and use the next image), got {value!r}"
         )
@@ -104,17 +105,10 @@ def load_dataset(cfg: DataConfig, split: str) -> Dataset:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if cfg.channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 or 3, got {cfg.channels}")
-    check_bad_images(cfg.bad_images)
-    key, limit = ("train_limit", cfg.train_limit) if split == "train" else ("test_limit", cfg.test_limit)
-    if limit is not None and limit < 1:
-        raise ValueError(
-            f"data.{key}={limit} leaves no {split} images: set it to at least 1, or to null for the whole split"
-        )
+    limit = cfg.train_limit if split == "train" else cfg.test_limit  # DataConfig has checked the values
     data = DATASETS.get(cfg.name)(cfg, split)
     if len(data) == 0:
-        raise ValueError(f"the {split} split of dataset {cfg.name!r} is empty: check its files and data.root")
+        raise UserError(f"the {split} split of dataset {cfg.name!r} is empty: check its files and data.root")
     if limit is not None:
         data = data.head(limit)
     if isinstance(data, ImageData) and cfg.channels == 1 and data.channels == 3:
@@ -173,7 +167,7 @@ def _locate(
     places = "\n".join(f"  {p}" for p in looked)
     if not os.environ.get("SSLKIT_DATA"):
         places += "\n  ($SSLKIT_DATA is not set)"
-    raise FileNotFoundError(
+    raise UserError(
         f"{title} not found. Looked in:\n{places}{problem}\nTo get it: {how_to_get}; "
         f"or put the files in a folder and set SSLKIT_DATA=<folder> (or data.root=<folder>)"
         + ("" if cfg.download else "; or, with internet access, pass data.download=true")
@@ -198,16 +192,16 @@ def read_idx(path: Path, remedy: str = "replace it with a good copy") -> np.ndar
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:  # not gzip, cut short, corrupt deflate data
-            raise ValueError(f"{path} is not a readable gzip file ({err}): {remedy}") from err
+            raise UserError(f"{path} is not a readable gzip file ({err}): {remedy}") from err
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file (its first bytes are {raw[:4]!r}): {remedy}")
+        raise UserError(f"{path} is not an unsigned-byte idx file (its first bytes are {raw[:4]!r}): {remedy}")
     ndim = raw[3]
     offset = 4 + 4 * ndim
     if len(raw) < offset:
-        raise ValueError(f"{path} ends inside its idx header ({len(raw)} bytes): {remedy}")
+        raise UserError(f"{path} ends inside its idx header ({len(raw)} bytes): {remedy}")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     if len(raw) - offset != int(np.prod(shape)):
-        raise ValueError(
+        raise UserError(
             f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes) but holds "
             f"{len(raw) - offset} bytes (truncated or damaged): {remedy}"
         )
@@ -254,13 +248,13 @@ def fashion_mnist(cfg: DataConfig, split: str) -> ImageData:
     labels = read_idx(label_path, _FASHION_MNIST_REMEDY)  # (N,)
     if images.ndim != 3 or labels.ndim != 1:
         wrong = image_path if images.ndim != 3 else label_path
-        raise ValueError(
+        raise UserError(
             f"{wrong} holds an array of shape {images.shape if images.ndim != 3 else labels.shape}, not "
             f"{'images (N, H, W)' if images.ndim != 3 else 'labels (N,)'}: the image and label files may be "
             f"swapped or of another dataset; {_FASHION_MNIST_REMEDY}"
         )
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(
+        raise UserError(
             f"{image_path} holds {len(images)} images and {label_path} {len(labels)} labels: "
             f"one of them is from another release or damaged; {_FASHION_MNIST_REMEDY}"
         )
@@ -285,13 +279,13 @@ def _read_cifar(
             with open(path, "rb") as f:
                 batch = pickle.load(f, encoding="latin1")  # the files are python-2 pickles
         except Exception as err:  # truncated or foreign bytes raise all sorts while unpickling
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a readable CIFAR batch (truncated or of another format: "
                 f"{type(err).__name__}: {err}): {remedy}"
             ) from err
         if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
             keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(
+            raise UserError(
                 f"{path} is not a CIFAR batch with 'data' and '{label_key}' (it holds {keys}): "
                 f"is it from the other CIFAR? {remedy}"
             )
@@ -299,7 +293,7 @@ def _read_cifar(
         batch_labels = np.asarray(batch[label_key])
         shape_ok = data.ndim == 2 and data.shape[1] == 3 * 32 * 32 and batch_labels.shape == (len(data),)
         if not shape_ok or not np.issubdtype(data.dtype, np.integer):
-            raise ValueError(
+            raise UserError(
                 f"{path}: 'data' is {data.dtype} {data.shape} with {batch_labels.shape} labels, not uint8 "
                 f"(N, 3072) with (N,) labels: {remedy}"
             )

@@ -32,6 +32,7 @@ import torchvision.io as tio
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from sslkit.errors import UserError
 from sslkit.config import DataConfig
 from sslkit.data.datasets import DATASETS, check_bad_images, match_channels
 
@@ -46,8 +47,8 @@ _SOF_DEVICE = (0xC0, 0xC1, 0xC2)
 _SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # lossless, hierarchical, arithmetic
 
 
-class BadImageError(ValueError):
-    """An image file that cannot be read or decoded (a ValueError: bad input, not a bug)."""
+class BadImageError(UserError):
+    """An image file that cannot be read or decoded: bad input, not a bug."""
 
 
 class BadImageWarning(UserWarning):
@@ -122,7 +123,7 @@ def _decode_png(raw: np.ndarray) -> torch.Tensor:
 
 def check_decode(value: str) -> None:
     if value not in DECODE:
-        raise ValueError(
+        raise UserError(
             f"data.decode must be one of {', '.join(DECODE)} (workers: decode image files in the loader "
             f"workers; device: decode JPEG files on the training device, nvjpeg on a GPU), got {value!r}"
         )
@@ -216,7 +217,7 @@ class ImageFolder(torch.utils.data.Dataset):
             paths += found
             labels += [label] * len(found)
         if not paths:
-            raise ValueError(_no_images_message(folder, classes))
+            raise UserError(_no_images_message(folder, classes))
         targets = torch.tensor(labels, dtype=torch.int64)
         return cls(np.array(paths), targets, classes, image_size, channels, bad_images, decode)
 
@@ -383,21 +384,21 @@ def image_folder(cfg: DataConfig, split: str) -> ImageFolder:
     where JPEG files are decoded (workers | device).
     """
     if cfg.root is None:
-        raise ValueError("dataset 'image_folder' needs data.root=<folder with train/<class>/... or <class>/...>")
+        raise UserError("dataset 'image_folder' needs data.root=<folder with train/<class>/... or <class>/...>")
     if cfg.image_size is None:
-        raise ValueError("dataset 'image_folder' needs data.image_size=<side in pixels> (e.g. 224)")
+        raise UserError("dataset 'image_folder' needs data.image_size=<side in pixels> (e.g. 224)")
     check_bad_images(cfg.bad_images)
     check_decode(cfg.decode)
     root = Path(cfg.root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} is not a folder")
+        raise UserError(f"data.root {root} is not a folder")
     split_dirs = [root / name for names in _SPLIT_FOLDERS.values() for name in names if (root / name).is_dir()]
     if not split_dirs:
         return ImageFolder.scan(root, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode)
     for name in _SPLIT_FOLDERS[split]:
         if (root / name).is_dir():
             return ImageFolder.scan(root / name, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode)
-    raise FileNotFoundError(
+    raise UserError(
         f"{root} has split folders ({', '.join(d.name for d in split_dirs)}) but none for the "
         f"{split} split: expected {' or '.join(str(root / n) for n in _SPLIT_FOLDERS[split])}"
     )

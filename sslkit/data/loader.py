@@ -23,6 +23,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Union
 
 import torch
 
+from sslkit.errors import UserError
 from sslkit.data.datasets import Dataset, ImageData
 from sslkit.data.image_folder import BadImageError, BadImageWarning, skip_message
 
@@ -98,12 +99,12 @@ class Batches:
     def _check_not_empty(self) -> None:
         """Raise on every rank alike (one rank raising alone would hang the others)."""
         if self.num_samples == 0:
-            raise ValueError("the dataset is empty: check data.root and data.train_limit/test_limit")
+            raise UserError("the dataset is empty: check data.root and data.train_limit/test_limit")
         # Shuffled, a step needs a global batch; in order, the smallest shard needs a batch.
         have = self.num_samples if self.shuffle else self.num_samples // self.world_size
         need = self.batch_size * self.world_size if self.shuffle else self.batch_size
         if self.drop_last and have < need:
-            raise ValueError(
+            raise UserError(
                 f"{self.num_samples} samples over {self.world_size} process(es) make no full batch of "
                 f"{self.batch_size} per process with drop_last=True: lower the batch size, "
                 "use more data (data.train_limit/test_limit), or set drop_last=False"

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sslkit.errors import UserError
 from sslkit.config import Config, config_from_dict, load_config, save_config
 from sslkit.methods import Method, create_method
 from sslkit.models import create_backbone
@@ -76,12 +77,12 @@ def load_feature_model(path: str | Path) -> tuple[Config, nn.Module]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if CONFIG_KEY not in meta:
-            raise ValueError(f"{path} has no sslkit config in its metadata: it was not exported by sslkit")
+            raise UserError(f"{path} has no sslkit config in its metadata: it was not exported by sslkit")
         cfg = config_from_dict(yaml.safe_load(meta[CONFIG_KEY]))
         model = create_backbone(cfg.model)
         model.load_state_dict(load_file(str(path)))
         return cfg, model
-    raise FileNotFoundError(
+    raise UserError(
         f"checkpoint '{path}' is neither a checkpoint directory with model.safetensors "
         "(runs/<name>/checkpoints/last) nor an exported backbone file (runs/<name>/backbone.safetensors)"
     )
