@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from sslkit.errors import UserError
 from sslkit.config import Config
+from sslkit.engine.checkpoint import LAST, list_checkpoints
 
 # Keys that must match between a checkpoint and the config that resumes or evaluates it.
 IDENTITY_KEYS = (
@@ -45,7 +46,9 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
     """Refuse to mix two runs in one directory unless asked to resume or overwrite."""
     holds_run = (run_dir / "config.yaml").exists()
     if cfg.resume:
-        if not (run_dir / "checkpoints" / "last").exists():
+        ckpt_root = run_dir / "checkpoints"
+        # Without a usable 'last', an older checkpoint still counts: find_resumable picks one.
+        if not ((ckpt_root / LAST).exists() or list_checkpoints(ckpt_root)):
             raise UserError(
                 f"resume=true but {run_dir}/checkpoints/last does not exist: nothing to resume. "
                 "Drop resume=true to start a new run."

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sslkit.augment import MultiView, create_augment
 from sslkit.config import Config, TrainConfig, save_config
 from sslkit.data import Batches, ImageData, load_dataset, make_batches
-from sslkit.engine.checkpoint import export_backbone, last_checkpoint, save_checkpoint
+from sslkit.engine.checkpoint import export_backbone, find_resumable, save_checkpoint
 from sslkit.engine.compile import compile_networks
 from sslkit.engine.guards import NonFiniteGuard, nonfinite_gradients, sigterm_flag
 from sslkit.engine.optim import (
@@ -227,7 +227,7 @@ def setup(cfg: Config) -> Run:
     state = TrainState(generator)
     accelerator.register_for_checkpointing(state)
     if cfg.resume:
-        ckpt = last_checkpoint(run_dir / "checkpoints")
+        ckpt = find_resumable(run_dir / "checkpoints")  # the newest intact one; damaged ones are named
         check_same_model(ckpt, cfg)
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} (step {state.step})")
