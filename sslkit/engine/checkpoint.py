@@ -9,7 +9,7 @@ place; ``last`` is swapped with an atomic ``os.replace``.
 The last file written before the rename is ``manifest.json``: every other file's path, size and
 sha256 (about 0.2 s for a ResNet-50's 190 MB of weights and SGD state on one CPU core with SHA
 instructions). Loading verifies a checkpoint against it (``verify_checkpoint``), so a file cut
-short or changed since (a full disk, a bad copy, bit rot) is reported by name instead of failing
+short or changed since (an interrupted copy, a disk error) is reported by name instead of failing
 deep inside a loader; ``find_resumable`` falls back to the newest intact checkpoint.
 """
 
@@ -174,7 +174,8 @@ def find_resumable(ckpt_root: Path) -> Path:
     """The newest intact checkpoint: ``last`` first, then the others newest first.
 
     Each damaged one tried is named in a ``CheckpointWarning`` saying what is wrong with it.
-    Raises ``UserError`` (one line) when there is no checkpoint or none is intact.
+    Raises ``UserError`` (one line) when there is no checkpoint or none is intact. Every process
+    calls it: reading the same files, all pick the same checkpoint without communicating.
     """
     last = ckpt_root / LAST
     candidates = [last.resolve()] if last.exists() else []
