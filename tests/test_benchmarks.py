@@ -22,6 +22,10 @@ SETTINGS = ("resnet18", "resnet50", "dino")
 pytestmark = pytest.mark.slow
 
 
+def ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
 def positive(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
@@ -52,9 +56,24 @@ def test_throughput_smoke_reports_every_measurement(tmp_path: Path) -> None:
     assert set(rows) == set(SETTINGS), proc.stdout
     for key, cells in rows.items():
         assert all(positive(float(c.replace(",", ""))) for c in cells[1:6]), cells
+    # The targets of this device, each read from its setting's measurement, its verdict recomputed
+    # here and printed as such. A FAIL is allowed: smoke sizes (1-step windows, tiny models) are
+    # not what the targets judge; a verdict computed, printed or attached to a value wrongly fails.
     targets = report["targets"]
-    assert targets and all(t["setting"] in SETTINGS and isinstance(t["pass"], bool) for t in targets)
-    assert sum(line.startswith(("PASS", "FAIL")) for line in proc.stdout.splitlines()) == len(targets)
+    for key, r in report["settings"].items():
+        if report["device_type"] == "cuda":
+            measured = {"a/b >= 0.9": r["a/b"],
+                        "peak memory a/c <= 1": ratio(r["a"].get("peak_gib"), r["c"].get("peak_gib"))}
+            if key != "dino":
+                measured[f"a/c >= {3.0 if key == 'resnet18' else 2.5}"] = r["a/c"]
+        else:
+            measured = {"augmentation sslkit/lightly >= 10": r["aug"]["ratio"], "a/c >= 1": r["a/c"]}
+        assert {t["target"]: t["value"] for t in targets if t["setting"] == key} == measured
+    for t in targets:
+        value, threshold = t["value"], t["threshold"]
+        assert t["pass"] == (value is not None and (value <= threshold if "<=" in t["target"] else value >= threshold))
+    verdicts = [line.split()[:2] for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert verdicts == [["PASS" if t["pass"] else "FAIL", t["setting"]] for t in targets]
     assert "wall time" in proc.stdout and report["torch"] in proc.stdout
 
 

@@ -13,7 +13,7 @@ from sslkit.config import ModelConfig
 from sslkit.engine import read_metrics
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.models import create_backbone
-from tests.conftest import run_sslkit
+from tests.conftest import TINY_RECIPE, run_sslkit
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,12 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     assert knn[0]["knn_top1"] < 0.99  # real data: the scores below compare something
     assert losses and all(torch.isfinite(torch.tensor(m["loss"])) for m in losses)
     assert all({"step", "epoch", "lr", "img_per_s", "online_top1"} <= m.keys() for m in losses)
-    assert all(0.0 <= m["online_top1"] <= 1.0 for m in losses)
+    # online_top1 is a count over the window's log_every_steps x batch_size = 128 samples (a wrong
+    # denominator or a counter not reset between windows fails), and the probe learns: well above
+    # chance (10 classes) by the end (measured: 0.07 in the first window, ~0.4 in the last eight).
+    window = TINY_RECIPE["train"]["log_every_steps"] * TINY_RECIPE["train"]["batch_size"]
+    assert all((m["online_top1"] * window).is_integer() for m in losses)
+    assert sum(m["online_top1"] for m in losses[-8:]) / 8 > 0.25
     collapse = [m for m in metrics if "eff_rank" in m]
     assert collapse and all(m["step"] % 8 == 0 and m["emb_std"] > 0 for m in collapse)
     start = next(m for m in metrics if m.get("event") == "start")

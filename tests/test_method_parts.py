@@ -105,11 +105,16 @@ def test_docstring_examples_run(name):
 # ---------------------------------------------------------------- negative cosine
 
 
-def test_negative_cosine_equals_formula_and_lightly():
+def test_negative_cosine_equals_its_formula_and_closed_forms():
+    # NegativeCosineLoss is lightly's class and F.cosine_similarity its body, so neither is a
+    # reference: the formula is written out, and rows with a known cosine are checked.
     x0, x1 = _randn(8, 16), _randn(8, 16, seed=1)
-    ours = NegativeCosineLoss()(x0, x1)
-    _close(ours, -F.cosine_similarity(x0, x1).mean())
-    _close(ours, lightly.loss.NegativeCosineSimilarity()(x0, x1))
+    direct = -((x0 * x1).sum(1) / (x0.norm(dim=1) * x1.norm(dim=1))).mean()
+    _close(NegativeCosineLoss()(x0, x1), direct)
+    # same direction (cos 1), opposite (-1), orthogonal (0), 45 degrees (1/sqrt 2); lengths do not matter
+    a = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    b = torch.tensor([[5.0, 0.0], [-4.0, -2.0], [7.0, 0.0], [2.0, 2.0]])
+    _close(NegativeCosineLoss()(a, b), torch.tensor(-(1 - 1 + 0 + 2 ** -0.5) / 4))
 
 
 # ---------------------------------------------------------------- DINO
@@ -174,9 +179,17 @@ def test_mae_loss_equals_formula(norm_pix):
     _close(MAELoss(norm_pix)(pred, target), mae_direct(pred, target, norm_pix))
 
 
-def test_mae_loss_is_zero_for_a_perfect_prediction():
+def test_mae_loss_of_cases_with_a_closed_form():
+    # without norm_pix, a prediction off by 0.5 everywhere costs 0.25 (a mean, not a sum)
     target = _randn(2, 5, 12)
-    assert MAELoss(norm_pix=False)(target, target).item() == 0.0
+    _close(MAELoss(norm_pix=False)(target + 0.5, target), torch.tensor(0.25))
+    # with norm_pix, the patch (0, 2, 4, 6) (mean 3, unbiased variance 20/3) becomes
+    # (-3, -1, 1, 3) / sqrt(20/3 + 1e-6): predicting that costs 0, predicting zeros its mean
+    # square, 5 / (20/3 + 1e-6) = 0.75 (the biased variance would give 1, no normalisation 14).
+    patch = torch.tensor([[[0.0, 2.0, 4.0, 6.0]]])
+    perfect = torch.tensor([[[-3.0, -1.0, 1.0, 3.0]]]) / math.sqrt(20 / 3 + 1e-6)
+    assert MAELoss(norm_pix=True)(perfect, patch).item() == pytest.approx(0.0, abs=1e-10)
+    _close(MAELoss(norm_pix=True)(torch.zeros(1, 1, 4), patch), torch.tensor(5 / (20 / 3 + 1e-6)))
 
 
 # ---------------------------------------------------------------- VICReg

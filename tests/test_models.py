@@ -1,3 +1,4 @@
+import lightly.loss
 import pytest
 import torch
 
@@ -39,12 +40,20 @@ def test_method_registry_and_simclr_step():
     cfg = Config()
     cfg.model.backbone, cfg.model.width = "tiny_cnn", 8
     cfg.method.proj_hidden_dim, cfg.method.proj_output_dim = 32, 16
+    cfg.method.temperature = 0.3  # not the default: a temperature that is not passed on fails below
     method = create_method(cfg)
     assert method.online_probe is None
-    out = method([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
+    x0, x1 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    out = method([x0, x1])
     out["loss"].backward()
-    assert out["loss"].ndim == 0 and out["loss"].item() > 0
-    assert out["features"].shape == (4, 64) and not out["features"].requires_grad
+    # lightly's NT-Xent on the projections of the two views (one BatchNorm pass over both, as the
+    # step): a wrong loss, temperature, head or pairing of views fails.
+    with torch.no_grad():
+        h = method.backbone(torch.cat([x0, x1]))
+        z0, z1 = method.projection_head(h).chunk(2)
+    torch.testing.assert_close(out["loss"].detach(), lightly.loss.NTXentLoss(temperature=0.3)(z0, z1))
+    torch.testing.assert_close(out["features"], h[:4])  # the first view's backbone features
+    assert not out["features"].requires_grad
     assert method.backbone.features[0].weight.grad is not None
 
 
@@ -57,7 +66,6 @@ def test_online_probe_trains_without_touching_the_backbone():
     views = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     with_probe = method(views, labels)
-    assert 0 <= with_probe["online_correct"].item() <= 6
     # The probe's cross-entropy reaches the probe only: backbone gradients are the SSL loss's.
     backbone_grads = torch.autograd.grad(with_probe["loss"], list(method.backbone.parameters()))
     ssl_only = torch.autograd.grad(method(views)["loss"], list(method.backbone.parameters()))
@@ -65,6 +73,13 @@ def test_online_probe_trains_without_touching_the_backbone():
         assert torch.allclose(a, b)
     probe_grad = torch.autograd.grad(method(views, labels)["loss"], method.online_probe.weight)[0]
     assert probe_grad.abs().sum() > 0
+    # online_correct counts the probe's right answers on the first view: labels made from its own
+    # predictions with two changed give exactly 4 (a mean or a count of the errors fails).
+    method.eval()  # BatchNorm on running statistics: the first view alone gets the step's features
+    with torch.no_grad():
+        labels = method.online_probe(method.backbone(views[0])).argmax(1)
+    labels[:2] = (labels[:2] + 1) % 3
+    assert method(views, labels)["online_correct"].item() == 4
     # Adding the probe does not change how the method's own modules are initialised.
     torch.manual_seed(0)
     without = dict(create_method(cfg).named_parameters())
