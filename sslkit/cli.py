@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from torch import nn
 from sslkit.config import Config, apply_override, config_from_dict, load_config
 from sslkit.engine import train
 from sslkit.engine.checkpoint import load_feature_model
+from sslkit.engine.guards import parent_death_signal
+from sslkit.engine.run_dir import check_run_dir_free, run_path
 from sslkit.errors import UserError
 from sslkit.engine.trainer import create_accelerator, knn_monitor
 from sslkit.eval.clean import clean_features
@@ -60,8 +63,12 @@ def launch_command(num_processes: int, argv: list[str]) -> tuple[list[str], dict
 
 def _train(args: argparse.Namespace) -> int:
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        # A run directory in use is refused here in one line, before any process is launched.
+        check_run_dir_free(run_path(load_config(args.recipe, args.overrides)))
         cmd, env = launch_command(args.num_processes, ["train", args.recipe, *args.overrides])
-        return subprocess.call(cmd, env=env)
+        # Killing this process, even with SIGKILL, sends the launcher SIGTERM, which it passes on
+        # to its workers: they save a checkpoint and stop, as on SIGTERM.
+        return subprocess.call(cmd, env=env, preexec_fn=parent_death_signal(signal.SIGTERM))
     train(load_config(args.recipe, args.overrides))
     return 0
 

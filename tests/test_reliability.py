@@ -1,20 +1,31 @@
-"""Exact resume after SIGKILL, a clean stop on SIGTERM, and the non-finite guard."""
+"""Exact resume after SIGKILL, also with another number of processes; a clean stop on SIGTERM;
+the non-finite guard; one run per run directory; no training process outliving its launcher."""
 
+import errno
+import fcntl
 import itertools
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from sslkit.cli import launch_command
 from sslkit.config import load_config
 from sslkit.engine import read_metrics, train
-from sslkit.engine.guards import NonFiniteError
+from sslkit.engine.checkpoint import last_checkpoint
+from sslkit.engine.guards import LAUNCHER_ENV, NonFiniteError
+from sslkit.engine.run_dir import check_run_dir_free, lock_run_dir, prepare_run_dir
+from sslkit.engine.trainer import per_process_batch
+from sslkit.errors import UserError
 from sslkit.methods.simclr import SimCLR
 from tests.conftest import run_sslkit
 from tests.test_distributed import METHOD_ARGS
@@ -136,3 +147,271 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint
     assert last.name == "epoch_0000_step_00000004"  # nothing saved after the first bad step
     assert str(last) in str(stopped.value)
     assert all(torch.isfinite(w).all() for w in _final_weights(tmp_path / "run").values())
+
+
+# One run per run directory ---------------------------------------------------------------------
+
+
+def _step_of(checkpoint):
+    """The step of a checkpoint of a ``RESUMABLE`` run (16 steps per epoch) from its name."""
+    name = checkpoint.name  # epoch_EEEE_step_SSSSSSSS mid-epoch, epoch_EEEE (epochs done) at an epoch's end
+    return int(name.rsplit("_", 1)[1]) if "_step_" in name else 16 * int(name.split("_")[1])
+
+
+def _refusal(stderr):
+    """The one ``sslkit: error:`` line of a refused run (and no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("sslkit: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def test_a_run_directory_is_locked_by_one_process_at_a_time(tmp_path):
+    run_dir = tmp_path / "run"
+    check_run_dir_free(run_dir)
+    assert not run_dir.exists()  # the check creates nothing
+    with lock_run_dir(run_dir):
+        holder = f"process {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(UserError, match=f"in use by another training run \\({holder}\\)"):
+            with lock_run_dir(run_dir):
+                pass
+        with pytest.raises(UserError, match=holder):
+            check_run_dir_free(run_dir)
+    check_run_dir_free(run_dir)  # released on exit
+    with lock_run_dir(run_dir):
+        pass
+
+
+def test_a_file_system_without_locks_warns_and_trains_unlocked(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="no file locks"), lock_run_dir(tmp_path / "run"):
+        pass
+
+
+def test_overwrite_and_resume_keep_the_lock_and_clear_what_a_killed_save_left(tiny_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    with lock_run_dir(run_dir):
+        (ckpts / "epoch_0001").mkdir(parents=True)
+        (ckpts / "last").symlink_to("epoch_0001")
+        (ckpts / ".tmp_epoch_0002").mkdir()  # a save cut short by a kill
+        (run_dir / "config.yaml").write_text("{}")
+        cfg = load_config(tiny_recipe, [f"train.output_dir={tmp_path}", "train.name=run", "resume=true"])
+        prepare_run_dir(run_dir, cfg)
+        assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_0001", "last"]
+        cfg = load_config(tiny_recipe, [f"train.output_dir={tmp_path}", "train.name=run", "overwrite=true"])
+        prepare_run_dir(run_dir, cfg)
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]
+        with pytest.raises(UserError, match="in use"):  # still held: the file was not replaced
+            check_run_dir_free(run_dir)
+
+
+@pytest.mark.slow
+def test_a_second_run_is_refused_while_the_first_runs_and_allowed_after_it_is_killed(tiny_recipe, tmp_path):
+    first = _start(tiny_recipe, tmp_path, "run", "train.epochs=1000")
+    run_dir = tmp_path / "run"
+    try:
+        psutil.Process(first.pid).nice(19)  # leave the CPU to the runs below (2 cores)
+        _wait_for_checkpoint(run_dir, first)
+        seconds = [_start(tiny_recipe, tmp_path, "run", *extra) for extra in ([], ["resume=true"])]
+        for second in seconds:
+            _, err = second.communicate(timeout=600)
+            assert second.returncode == 2
+            assert f"{run_dir} is in use by another training run (process {first.pid} on " in _refusal(err)
+        assert first.poll() is None  # the first run went on
+    finally:
+        first.kill()
+        first.wait()
+    step = _step_of(last_checkpoint(run_dir / "checkpoints"))
+    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE,
+                      "resume=true", f"train.max_steps={step + 2}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_every_process_stops_when_the_run_directory_is_in_use(tiny_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = ["train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE]
+    holder = f"(process {os.getpid()} on "
+    with lock_run_dir(run_dir):
+        # through --num-processes: refused before anything is launched
+        cli = run_sslkit(*argv, "--num-processes", "2")
+        assert cli.returncode == 2 and holder in _refusal(cli.stderr)
+        # launched directly: the main process is refused, the other stops too instead of waiting for it
+        cmd, env = launch_command(2, argv)
+        launched = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("sslkit: error:")]
+    assert len(errors) == 2 and all(holder in line for line in errors), launched.stderr[-3000:]
+    assert sum("the main process stopped" in line for line in errors) == 1  # really two processes
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]  # nothing written
+
+
+# No training process outlives its launcher ------------------------------------------------------
+
+
+def _alive(process):
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_until_gone(processes, timeout):
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in processes if _alive(p)]
+
+
+WATCHED = """
+import sys, time
+from sslkit.engine.guards import exit_with_launcher
+with exit_with_launcher(0.1):
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+"""
+LAUNCHER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("launcher_env", [*LAUNCHER_ENV, None])
+def test_a_launched_process_ends_soon_after_its_launcher(tmp_path, launcher_env):
+    """A process with a launcher's environment (torch elastic's, accelerate launch's) ends when
+    its launcher is killed; control: one without it (``nohup sslkit train``) outlives its parent."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    if launcher_env:
+        env[launcher_env] = "1"
+    ready = tmp_path / "ready"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WATCHED, str(ready)], env=env,
+                                stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(launcher.stdout.readline()))
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert time.monotonic() < deadline and _alive(child)
+            time.sleep(0.1)
+        launcher.kill()
+        launcher.wait()
+        alive = _wait_until_gone([child], timeout=5)
+        assert alive == ([] if launcher_env else [child])
+    finally:
+        if _alive(child):
+            child.kill()
+
+
+def test_the_launcher_dies_with_the_command_line(tmp_path):
+    """``parent_death_signal``: the process ``sslkit train --num-processes`` starts is sent
+    SIGTERM when that command is killed, even with SIGKILL."""
+    script = ("import signal, subprocess, time\n"
+              "from sslkit.engine.guards import parent_death_signal\n"
+              "child = subprocess.Popen(['sleep', '120'], preexec_fn=parent_death_signal(signal.SIGTERM))\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    assert _wait_until_gone([child], timeout=5) == []
+
+
+CHECKPOINT_FILES = {"config.yaml", "model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl",
+                    "custom_checkpoint_1.pkl", "random_states_0.pkl", "random_states_1.pkl"}
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launchers_process_group_leaves_no_training_process(tiny_recipe, tmp_path):
+    """What an out-of-memory killer or a scheduler's hard kill does to ``sslkit train --num-processes 2``:
+    the workers (each in a session of its own) end within seconds, the last checkpoint is
+    complete, and the run directory is free for ``resume=true``."""
+    run_dir = tmp_path / "run"
+    output = (tmp_path / "output.txt").open("w")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "sslkit", "train", str(tiny_recipe), "--num-processes", "2",
+         f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE, "train.epochs=1000"],
+        stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    workers = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "last").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "output.txt").read_text()
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "accelerate.commands.launch" not in p.cmdline()]
+        assert len(workers) == 2 and all(os.getsid(p.pid) != launcher.pid for p in workers)
+        assert next(m for m in read_metrics(run_dir) if m.get("event") == "start")["world_size"] == 2
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    try:
+        assert _wait_until_gone(workers, timeout=10) == []
+    finally:
+        for worker in workers:  # a failing test leaves nothing training
+            if _alive(worker):
+                worker.kill()
+    assert "the launcher (process" in (tmp_path / "output.txt").read_text()
+
+    last = last_checkpoint(run_dir / "checkpoints")
+    assert {p.name for p in last.iterdir()} == CHECKPOINT_FILES
+    assert load_file(last / "model.safetensors")
+    step = _step_of(last)
+    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE,
+                      "train.epochs=1000", "resume=true", f"train.max_steps={step + 2}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # what a save cut short left is gone
+
+
+# Resuming with another number of processes ------------------------------------------------------
+
+# 8 steps of a global batch of 32, a checkpoint after step 4, every loss logged; GroupNorm, not
+# BatchNorm, whose per-process statistics would rightly differ between 1 and 2 processes. The
+# losses vary by ~1e-2 from step to step, and by ~2e-3 when the resumed run does not restore the
+# augmentation generator; float rounding between 1 and 2 processes is ~1e-7.
+WORLD_CHANGE = ["data.train_limit=256", "train.epochs=1", "train.batch_size=32", "train.checkpoint_every_steps=4",
+                "train.log_every_steps=1", "model.norm=group", "method.proj_batch_norm=false", "eval.knn=false"]
+
+
+def _losses(run_dir, after):
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m and m["step"] > after}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
+def test_resuming_with_another_number_of_processes_continues_the_trajectory(tiny_recipe, tmp_path, saved, resumed):
+    """Steps 5-8 resumed from step 4's checkpoint with ``resumed`` processes equal (up to float
+    rounding) those of the run that saved it with ``saved`` processes and went on."""
+    def run(name, processes, *extra):
+        done = run_sslkit("train", str(tiny_recipe), "--num-processes", str(processes), f"train.output_dir={tmp_path}",
+                          f"train.name={name}", *WORLD_CHANGE, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        event = next(m for m in read_metrics(tmp_path / name) if m.get("event") in ("start", "resume"))
+        assert event["world_size"] == processes  # really that many processes
+
+    run("reference", saved)
+    reference = tmp_path / "reference"
+    shutil.copytree(reference / "checkpoints" / "epoch_0000_step_00000004", tmp_path / "resumed" / "checkpoints" / "step_4")
+    (tmp_path / "resumed" / "checkpoints" / "last").symlink_to("step_4")
+    shutil.copy(reference / "config.yaml", tmp_path / "resumed")
+    run("resumed", resumed, "resume=true")
+
+    expected, got = _losses(reference, 4), _losses(tmp_path / "resumed", 4)
+    assert list(got) == [5, 6, 7, 8]
+    assert got == pytest.approx(expected, rel=1e-4)
+    final = {k: _final_weights(d) for k, d in (("reference", reference), ("resumed", tmp_path / "resumed"))}
+    at_4 = load_file(reference / "checkpoints" / "epoch_0000_step_00000004" / "model.safetensors")
+    moved = max((final["reference"][k] - at_4[k]).abs().max().item() for k in at_4)
+    assert max((final["reference"][k] - final["resumed"][k]).abs().max().item() for k in at_4) < 1e-3 * moved
+
+
+def test_a_process_count_that_does_not_divide_the_batch_is_refused(tiny_recipe):
+    cfg = load_config(tiny_recipe, ["train.batch_size=64", "train.grad_accum_steps=2"])
+    assert per_process_batch(cfg.train, 2) == 16
+    with pytest.raises(UserError, match="multiple of 6, or a number of processes that divides 32"):
+        per_process_batch(cfg.train, 3)

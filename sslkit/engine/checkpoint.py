@@ -4,7 +4,8 @@ Layout of ``<run>/checkpoints/``: one directory per save (``epoch_0003``), each 
 ``accelerator.save_state`` (``model.safetensors``, optimiser, scaler, per-process RNG, the
 registered scheduler and trainer state) plus the run's ``config.yaml``; and ``last``, a
 symlink to the newest. A save goes to a hidden temporary directory first and is renamed into
-place; ``last`` is swapped with an atomic ``os.replace``.
+place; ``last`` is swapped with an atomic ``os.replace``. What a save cut short leaves behind
+(a process killed in the middle) is deleted when the run resumes (``remove_unfinished``).
 
 The last file written before the rename is ``manifest.json``: every other file's path, size and
 sha256 (about 0.2 s for a ResNet-50's 190 MB of weights and SGD state on one CPU core with SHA
@@ -79,6 +80,14 @@ def save_checkpoint(accelerator: Accelerator, cfg: Config, ckpt_root: Path, tag:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_unfinished(ckpt_root: Path) -> None:
+    """Delete what a save cut short left (``.tmp_<tag>/``, ``.last.tmp``); the run directory's
+    lock must be held, so that no live save is deleted."""
+    for tmp in ckpt_root.glob(".tmp_*"):
+        shutil.rmtree(tmp)
+    (ckpt_root / f".{LAST}.tmp").unlink(missing_ok=True)
 
 
 def last_checkpoint(ckpt_root: Path) -> Path | None:

@@ -1,8 +1,13 @@
-"""What stops a run early: non-finite steps, and SIGTERM (a cluster about to pre-empt the job)."""
+"""What stops a run early: non-finite steps, SIGTERM (a cluster about to pre-empt the job), and
+the death of the launcher that started the process."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,3 +112,77 @@ def sigterm_flag() -> Iterator[Callable[[], bool]]:
         yield lambda: received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Set in the processes a launcher starts: torch elastic's workers (torchrun, and accelerate
+# launch with several processes, which runs torch elastic's agent); accelerate launch's child
+# when it starts one process.
+LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
+ORPHAN_EXIT_STATUS = 1
+
+
+@contextmanager
+def exit_with_launcher(interval: float = 0.5) -> Iterator[None]:
+    """While active, a process started by a launcher (``LAUNCHER_ENV``) ends itself within
+    ``interval`` seconds of its launcher's death, saving nothing.
+
+    torch elastic starts each worker in a session of its own, so a launcher killed hard (SIGKILL:
+    an out-of-memory killer, a scheduler) takes no worker with it, and they would train on, and
+    write the run directory, beside the next run. A daemon thread compares ``os.getppid()`` with
+    the parent at entry: once re-parented, the process calls ``os._exit`` from that thread, also
+    while the main thread waits in a collective for a peer that is gone. A checkpoint being saved
+    then stays a hidden temporary directory; ``last`` still names the previous, complete one.
+    No per-step cost: one system call per ``interval``, off the training thread.
+
+    Polling rather than Linux's ``PR_SET_PDEATHSIG``, which fires when the parent *thread* that
+    started the process exits (a launcher may start workers from any thread), and exists on
+    Linux only. A process without a launcher (``sslkit train`` from a shell, ``nohup``, a
+    notebook) is not watched: it outlives its shell when asked to.
+    """
+    if not any(name in os.environ for name in LAUNCHER_ENV):
+        yield
+        return
+    launcher = os.getppid()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(interval):
+            if os.getppid() != launcher:
+                try:
+                    print(f"sslkit: the launcher (process {launcher}) is gone: stopping without saving; "
+                          "resume=true continues from the last checkpoint", file=sys.stderr, flush=True)
+                except OSError:  # nobody reads stderr any more
+                    pass
+                os._exit(ORPHAN_EXIT_STATUS)
+
+    thread = threading.Thread(target=watch, name="sslkit-launcher-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def parent_death_signal(signum: int) -> Optional[Callable[[], None]]:
+    """On Linux, a ``preexec_fn`` for ``subprocess`` that has the kernel send the child ``signum``
+    when the thread that started it exits (``PR_SET_PDEATHSIG``); elsewhere None.
+
+    For the launcher the command line starts: it starts it from its main thread, which then
+    waits for it, so the thread caveat of PR_SET_PDEATHSIG does not apply. libc is looked up
+    here, not between fork and exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the call: nothing will send it
+            os.kill(os.getpid(), signum)
+
+    return set_signal

@@ -13,7 +13,7 @@ lives in the method (``ssl_step(views) -> (loss terms, features)``, its ``schedu
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,11 +24,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from sslkit.augment import MultiView, create_augment
-from sslkit.config import Config, TrainConfig, save_config
+from sslkit.config import Config, TrainConfig
 from sslkit.data import Batches, ImageData, load_dataset, make_batches
 from sslkit.engine.checkpoint import export_backbone, find_resumable, save_checkpoint
 from sslkit.engine.compile import compile_networks
-from sslkit.engine.guards import NonFiniteGuard, nonfinite_gradients, sigterm_flag
+from sslkit.engine.guards import NonFiniteGuard, exit_with_launcher, nonfinite_gradients, sigterm_flag
 from sslkit.engine.optim import (
     create_optimizer,
     optim_schedules,
@@ -36,7 +36,7 @@ from sslkit.engine.optim import (
     step_unless_found_inf,
     supports_found_inf,
 )
-from sslkit.engine.run_dir import MetricsLog, check_same_model, prepare_run_dir
+from sslkit.engine.run_dir import MetricsLog, check_same_model, open_run_dir, run_path
 from sslkit.errors import UserError
 from sslkit.eval import CollapseMonitor, KNNMonitor
 from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
@@ -85,9 +85,12 @@ def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
     """``train.batch_size`` is global: it is split over processes and accumulation steps."""
     parts = world_size * cfg.grad_accum_steps
     if cfg.batch_size % parts:
+        fix = f"pick a multiple of {parts}"
+        if cfg.batch_size % cfg.grad_accum_steps == 0:  # a resumed run keeps its batch to keep its trajectory
+            fix += f", or a number of processes that divides {cfg.batch_size // cfg.grad_accum_steps}"
         raise UserError(
             f"train.batch_size={cfg.batch_size} is not divisible by processes x grad_accum_steps "
-            f"= {world_size} x {cfg.grad_accum_steps}; pick a multiple of {parts}."
+            f"= {world_size} x {cfg.grad_accum_steps}; {fix}."
         )
     return cfg.batch_size // parts
 
@@ -179,9 +182,10 @@ class Window:
     features: Optional[torch.Tensor] = None  # the last micro-batch's backbone features (collapse monitor)
 
 
-def setup(cfg: Config) -> Run:
-    """Accelerate, data, method, views, optimiser, schedules, run directory, resumed state."""
-    run_dir = Path(cfg.train.output_dir) / (cfg.train.name or "run")
+def setup(cfg: Config, held: ExitStack) -> Run:
+    """Accelerate, data, method, views, optimiser, schedules, run directory, resumed state;
+    ``held`` keeps what must last as long as the run: the run directory's lock."""
+    run_dir = run_path(cfg)
     accelerator = create_accelerator(cfg.train, run_dir)
     set_seed(cfg.train.seed)  # the same initial weights in every process
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -215,11 +219,8 @@ def setup(cfg: Config) -> Run:
     schedules = {**optim_schedules(cfg.optim, cfg.train.batch_size, steps_per_epoch, total_steps),
                  **method.schedules(steps_per_epoch, total_steps)}
 
-    # The run directory is touched only now that bad data or settings would have failed.
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, cfg)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    # The run directory is locked and touched only now that bad data or settings would have failed.
+    held.enter_context(open_run_dir(accelerator, run_dir, cfg))
     if cfg.train.trackers:
         accelerator.init_trackers(cfg.train.name or "run", config=flat_config(cfg),
                                   init_kwargs={"wandb": {"dir": str(run_dir / "trackers")}})
@@ -364,7 +365,13 @@ def teardown(run: Run, finished: bool) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run a recipe; returns the last logged metrics (loss, knn_top1, ...)."""
-    run = setup(cfg)
+    with exit_with_launcher(), ExitStack() as held:  # held: the run directory's lock, until return
+        return loop(setup(cfg, held))
+
+
+def loop(run: Run) -> dict[str, Any]:
+    """The optimiser steps from ``run``'s state to the end (or SIGTERM), then ``teardown``."""
+    cfg = run.cfg
     acc, state, spe = run.accelerator, run.state, run.steps_per_epoch
     if run.knn is not None and cfg.eval.at_start and state.step == 0:
         evaluate(run, "untrained network")
