@@ -66,7 +66,7 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
 
     # eval knn on the checkpoint reproduces the k-NN the run logged after its last epoch
     done = run_sslkit("eval", "knn", "--checkpoint", str(last), "--data", "fashion_mnist",
-                      "--bank-limit", "2048", "--test-limit", "512")
+                      "--bank-limit", "2048", "--test-limit", "512", "eval.batch_size=256")  # an override too
     assert done.returncode == 0, done.stderr
     result = json.loads((last / "knn_fashion_mnist.json").read_text())
     assert result["knn_top1"] == pytest.approx(knn[-1]["knn_top1"])
@@ -85,6 +85,11 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     assert done.returncode == 0, done.stderr
     fewshot = json.loads((run / "fewshot_fashion_mnist.json").read_text())
     assert fewshot["5"]["mean_top1"] > fewshot["1"]["mean_top1"] > 0.1 and len(fewshot["5"]["runs"]) == 2
+    # eval's options and overrides are validated as train's: one line naming the key
+    for bad in (["--k", "0"], ["eval.knn_kk=5"]):
+        done = run_sslkit("eval", "knn", "--checkpoint", backbone_file, *limits, *bad)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert ("eval.knn_k=0" if bad[0] == "--k" else "did you mean 'eval.knn_k'") in done.stderr
     done = run_sslkit("plot", str(run), "--limit", "256")
     assert done.returncode == 0, done.stderr
     for name in ("curves.png", "embedding.png"):
@@ -128,3 +133,23 @@ def test_bad_input_is_one_clear_error(tiny_recipe, tmp_path, args, words):
 def test_eval_missing_checkpoint(tmp_path):
     done = run_sslkit("eval", "knn", "--checkpoint", str(tmp_path / "nope"), "--data", "synthetic")
     assert done.returncode == 2 and "nope" in done.stderr and "backbone.safetensors" in done.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only bad input (a UserError) becomes one `sslkit: error:` line; any other exception is a
+    bug and propagates with its traceback."""
+    from sslkit import cli
+    from sslkit.errors import UserError
+
+    def bug(args):
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr(cli, "_plot", bug)
+    with pytest.raises(ValueError, match="an internal mistake"):
+        cli.main(["plot", "runs/x"])
+
+    def bad_input(args):
+        raise UserError("runs/x is not a run directory")
+
+    monkeypatch.setattr(cli, "_plot", bad_input)
+    assert cli.main(["plot", "runs/x"]) == 2

@@ -48,8 +48,14 @@ METHOD_ARGS = {name: method_args(name) for name in METHODS.names()}
 
 
 def _train(tiny_recipe, out, name, processes, *extra):
+    # a whole method section (method={...}) first, so that EQUIVALENCE's method keys apply to it
+    # (and only the keys that method has: MAE's has no projection head)
+    section = [a for a in extra if a.startswith("method=")]
+    rest = [a for a in extra if not a.startswith("method=")]
+    keys = METHODS.config(yaml.safe_load(section[0].split("=", 1)[1])["name"]).model_fields if section else {}
+    equivalence = [a for a in EQUIVALENCE if not a.startswith("method.") or a.split("=")[0].split(".")[1] in keys]
     done = run_sslkit("train", str(tiny_recipe), "--num-processes", str(processes),
-                      f"train.output_dir={out}", f"train.name={name}", *EQUIVALENCE, *extra)
+                      f"train.output_dir={out}", f"train.name={name}", *section, *equivalence, *rest)
     assert done.returncode == 0, done.stderr[-3000:]
     start = next(m for m in read_metrics(out / name) if m.get("event") == "start")
     assert start["world_size"] == processes  # really two processes, not one

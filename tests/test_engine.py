@@ -28,7 +28,10 @@ def test_loop_options(tiny_recipe, tmp_path, options):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [2, 4, 6, 8]
     assert all(math.isfinite(m["loss"]) for m in steps)
+    # each logged lr is the one its step used: step s (1-based) ran with the schedule's value at s - 1
     lrs = [m["lr"] for m in steps]
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at min_lr_ratio=0
     if "optim.warmup_epochs=1" in options:
-        assert lrs[0] == pytest.approx(0.001 * 3 / 4)  # step 2 of a 4-step linear warm-up
+        assert lrs[0] == pytest.approx(0.001 * 2 / 4)  # the 2nd step of a 4-step linear warm-up
+        assert lrs[-1] == pytest.approx(0.001 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))  # then 3/4 down the cosine
+    else:
+        assert lrs[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))  # the cosine to 0 at step 8

@@ -13,6 +13,7 @@ from sslkit.engine import trainer
 from sslkit.engine.optim import create_optimizer, supports_found_inf
 from sslkit.engine.trainer import optimizer_step
 from sslkit.methods import create_method
+from tests.conftest import set_step
 from tests.test_distributed import METHOD_ARGS
 from tests.test_methods import TINY
 
@@ -32,6 +33,7 @@ def _setup(method: str, optimizer: str, device: str, *extra: str):
     labels = torch.arange(16, device=accelerator.device) % 10
     generator = torch.Generator(device=accelerator.device).manual_seed(0)
     method_.generator = generator
+    set_step(method_, 0, steps_per_epoch=10, total_steps=100)  # the schedules' values, as the engine gives them
 
     def step(poison: bool = False) -> torch.Tensor:
         out = model(augment(images, generator), labels)

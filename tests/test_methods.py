@@ -19,7 +19,10 @@ TINY = ["model.backbone=tiny_cnn", "model.width=8", "augment.size=16", "method.p
 
 
 def _views_and_method(method: str):
-    cfg = load_config(None, [*TINY, *METHOD_ARGS[method]])
+    # BatchNorm in the heads that have it, as the Fashion-MNIST recipes on the tiny CNN (DINO's
+    # paper default, none, lets a fixed batch's loss collapse onto the centre here)
+    norm = ["method.proj_batch_norm=true"] if "proj_batch_norm" in METHODS.config(method).model_fields else []
+    cfg = load_config(None, [*TINY, *METHOD_ARGS[method], *norm])
     torch.manual_seed(0)
     model = create_method(cfg, num_classes=10)
     images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8)
@@ -55,6 +58,15 @@ def test_trains_through_the_cli(tiny_recipe, tmp_path, method):
     metrics = read_metrics(tmp_path / "run")
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    # each loss term is logged by name, and the terms add up to the loss
+    logged = [m for m in metrics if "loss" in m]
+    terms = [{k: v for k, v in m.items() if k.startswith("loss/")} for m in logged]
+    assert all(terms) and all(math.isclose(sum(t.values()), m["loss"], rel_tol=1e-5, abs_tol=1e-6)
+                              for t, m in zip(terms, logged))
+    # every schedule is logged by name: the optimiser's and the method's own
+    config = METHODS.config(method)
+    expected = {"lr", "weight_decay"} | ({"momentum"} if "momentum_base" in config.model_fields else set())
+    assert all(expected <= m.keys() for m in logged), expected
     assert [m["knn_top1"] for m in metrics if "knn_top1" in m]  # k-NN ran on the feature model
     # The exported backbone is the method's k-NN feature network (DINO: the teacher's).
     _, from_checkpoint = load_feature_model(tmp_path / "run" / "checkpoints" / "last")

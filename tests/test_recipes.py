@@ -20,6 +20,7 @@ import torch
 from sslkit.augment import create_augment
 from sslkit.config import Config, load_config
 from sslkit.methods import METHODS, create_method
+from tests.conftest import set_step
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
@@ -49,7 +50,9 @@ def _test_config(path: Path) -> tuple[Config, tuple[int, int, int]]:
         channels, side = DATA_SHAPES[cfg.data.name]
         return cfg, (channels, side, side)
     size = IMAGENET_TEST_SIZE
-    overrides = [f"augment.size={size}", f"augment.local_size={size // 2}"]
+    overrides = [f"augment.size={size}"]
+    if cfg.augment.preset == "multicrop":
+        overrides.append(f"augment.local_size={size // 2}")
     if "img_size" in cfg.model.timm_kwargs or cfg.model.backbone.startswith("vit_"):
         overrides.append(f"model.timm_kwargs.img_size={size}")
     return load_config(path, overrides), (3, size, size)
@@ -57,7 +60,9 @@ def _test_config(path: Path) -> tuple[Config, tuple[int, int, int]]:
 
 def _view_count(cfg: Config) -> int:
     """How many views the recipe's augment preset makes of each image."""
-    return {"single": 1, "multicrop": 2 + cfg.augment.local_crops}.get(cfg.augment.preset, 2)
+    if cfg.augment.preset == "multicrop":
+        return 2 + cfg.augment.local_crops
+    return 1 if cfg.augment.preset == "single" else 2
 
 
 def _is_imagenet(path: Path) -> bool:
@@ -102,6 +107,7 @@ def test_recipe_forward_gives_a_finite_loss(path: Path) -> None:
     cfg, (channels, height, width) = _test_config(path)
     torch.manual_seed(0)
     method = create_method(cfg, 10)
+    set_step(method, 0, steps_per_epoch=10, total_steps=100)
     augment = create_augment(cfg.augment)
     images = torch.randint(0, 256, (2, channels, height, width), dtype=torch.uint8)
     labels = torch.tensor([0, 1])

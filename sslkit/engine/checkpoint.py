@@ -2,7 +2,7 @@
 
 Layout of ``<run>/checkpoints/``: one directory per save (``epoch_0003``), each the output of
 ``accelerator.save_state`` (``model.safetensors``, optimiser, scaler, per-process RNG, the
-registered scheduler and trainer state) plus the run's ``config.yaml``; and ``last``, a
+trainer state (step and augmentation RNG)) plus the run's ``config.yaml``; and ``last``, a
 symlink to the newest. A save goes to a hidden temporary directory first and is renamed into
 place; ``last`` is swapped with an atomic ``os.replace``. What a save cut short leaves behind
 (a process killed in the middle) is deleted when the run resumes (``remove_unfinished``).
