@@ -220,5 +220,5 @@ def main(argv: list[str] | None = None) -> int:
         # other exception is a bug and keeps its traceback.
         if os.environ.get("SSLKIT_DEBUG"):
             raise
-        print(f"sslkit: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"sslkit: error: {err}\n")  # one write: lines of several processes stay whole
         return 2

@@ -187,7 +187,8 @@ def _load_with_timm(fmt: str, folder: Path, arch: str, model_args: dict[str, Any
             return timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
         return timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as err:  # any failure here means the export is unusable
-        raise ValueError(f"timm {timm.__version__} could not load the {fmt} export back: {err}") from err
+        # the installed timm builds the model differently (another version): say so, keep nothing
+        raise UserError(f"timm {timm.__version__} could not load the {fmt} export back: {err}") from err
 
 
 def _check_same_features(reference: nn.Module, exported: nn.Module, size: int) -> None:
@@ -201,7 +202,7 @@ def _check_same_features(reference: nn.Module, exported: nn.Module, size: int) -
     try:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     except AssertionError as err:
-        raise ValueError(f"the export, loaded with timm, computes other features than sslkit: {err}") from None
+        raise UserError(f"the export, loaded with timm, computes other features than sslkit: {err}") from None
 
 
 def _card(cfg: Config, arch: str, name: str, source: Path, knn: Optional[dict[str, Any]], num_features: int) -> str:

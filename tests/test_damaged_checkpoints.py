@@ -134,7 +134,7 @@ def test_every_checkpoint_damaged_is_one_error(run):
 
 def test_resume_without_any_checkpoint_keeps_its_message(tmp_path, tiny_recipe):
     cfg = load_config(tiny_recipe, [f"train.output_dir={tmp_path}", "train.name=run", "resume=true"])
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(UserError, match="nothing to resume"):
         train(cfg)
 
 

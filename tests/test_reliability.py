@@ -322,8 +322,9 @@ def test_the_launcher_dies_with_the_command_line(tmp_path):
     assert _wait_until_gone([child], timeout=5) == []
 
 
+# the trainer state (step, augmentation RNG) is the one custom checkpoint; the manifest comes last
 CHECKPOINT_FILES = {"config.yaml", "model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl",
-                    "custom_checkpoint_1.pkl", "random_states_0.pkl", "random_states_1.pkl"}
+                    "random_states_0.pkl", "random_states_1.pkl", "manifest.json"}
 
 
 @pytest.mark.slow
