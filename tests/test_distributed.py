@@ -32,7 +32,8 @@ def method_args(name: str) -> tuple[str, ...]:
     the method section is replaced as a whole (``method={name: ..., ...}``), its widths shrunk."""
     config = METHODS.config(name)
     keys = config.model_fields
-    small = {"proj_hidden_dim": 32, "pred_hidden_dim": 32, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2,
+    small = {"proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_layers": 2, "decoder_dim": 16, "decoder_depth": 1,
+             "decoder_heads": 2,
              "proj_output_dim": 64 if "bottleneck_dim" in keys else 16, "bottleneck_dim": 16}
     section = {"name": name, **{k: v for k, v in small.items() if k in keys}}
     args = ["method=" + yaml.safe_dump(section, default_flow_style=True).strip()]
