@@ -454,12 +454,15 @@ def test_training_logs_the_skipped_images(tmp_path: Path) -> None:
 
 def test_bad_data_leaves_no_run_directory(tmp_path: Path) -> None:
     """The run directory is written only once data and model are built, so fixing the input and
-    rerunning needs no overwrite=true."""
-    from sslkit.config import load_config
+    rerunning needs no overwrite=true: a folder without images fails in the data layer, a bad
+    value already in the config."""
     from sslkit.engine import train
 
-    write_numbered(tmp_path / "data", 4)
-    with pytest.raises(ConfigError, match="data.bad_images"):  # refused before anything is built
-        load_config(None, ["data.name=image_folder", f"data.root={tmp_path / 'data'}", f"data.image_size={S}",
-                           "data.bad_images=maybe", f"train.output_dir={tmp_path / 'runs'}", "train.name=run"])
+    (tmp_path / "data").mkdir()
+    cfg = load_config(None, ["data.name=image_folder", f"data.root={tmp_path / 'data'}", f"data.image_size={S}",
+                             f"train.output_dir={tmp_path / 'runs'}", "train.name=run"])
+    with pytest.raises(UserError, match="no images"):
+        train(cfg)
     assert not (tmp_path / "runs" / "run").exists()
+    with pytest.raises(ConfigError, match="data.bad_images"):
+        load_config(None, ["data.bad_images=maybe"])

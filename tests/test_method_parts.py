@@ -15,7 +15,7 @@ from lightly.models.modules import DINOProjectionHead
 from torch import nn
 
 from sslkit.augment import ViewPipeline, augment_config, create_augment
-from sslkit.config import AugmentConfig, load_config
+from sslkit.config import load_config
 from sslkit.engine.optim import create_optimizer
 from sslkit.errors import UserError
 from sslkit.losses import (

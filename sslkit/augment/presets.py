@@ -6,7 +6,7 @@ strengths (crop scale, jitter, blur sigma, ...) come from the recipe's ``augment
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pydantic import Field, ValidationInfo, field_validator
 

@@ -31,7 +31,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sslkit.errors import UserError
 from sslkit.config import Config, config_from_dict, load_config, save_config
 from sslkit.errors import UserError
 from sslkit.methods import Method, create_method
