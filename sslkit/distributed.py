@@ -22,6 +22,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sslkit.errors import UserError
+
+
+def check_gather(gather_distributed: bool, owner: str) -> None:
+    """Refuse ``gather_distributed=True`` where this torch has no ``torch.distributed`` (some
+    macOS and Windows builds): ``owner`` (a loss's name) would silently use one process's batch.
+
+    Raises:
+        UserError (a ValueError, as lightly's losses raise): naming ``owner`` and the fix.
+    """
+    if gather_distributed and not dist.is_available():
+        raise UserError(
+            f"{owner}(gather_distributed=True) needs torch.distributed, which this torch build lacks: "
+            "set gather_distributed=False or install a torch build with distributed support"
+        )
+
 
 def world_size() -> int:
     """The number of processes; 1 when ``torch.distributed`` is unavailable or not initialised."""

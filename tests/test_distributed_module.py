@@ -56,7 +56,24 @@ def _work(r: int) -> dict:
         loss = make()(z0, z1)
         loss.backward()
         res[name] = {"loss": loss.detach(), "grad0": z0.grad, "grad1": z1.grad}
+    res["bank"] = _bank_steps(lambda seed: _batch(seed)[r * N:(r + 1) * N])
     return res
+
+
+BANK_ROWS = 8  # the global batch (6 rows) does not divide it: the second step wraps around
+
+
+def _bank_steps(batch) -> dict:
+    """Two steps of NT-Xent with a gathered memory bank: the second step's loss and gradient
+    (its negatives are the first step's keys and part of the initial bank), the final bank."""
+    torch.manual_seed(4)  # the bank's random initial rows, the same in every process
+    loss_fn = NTXentLoss(temperature=0.5, memory_bank_size=(BANK_ROWS, D), gather_distributed=True)
+    for step in range(2):
+        z0, z1 = batch(10 + step).float().requires_grad_(), batch(20 + step).float()
+        loss = loss_fn(z0, z1)
+        loss.backward()
+    return {"loss": loss.detach(), "grad0": z0.grad, "bank": loss_fn.memory_bank.bank.clone(),
+            "ptr": loss_fn.memory_bank.ptr.clone()}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +164,17 @@ def test_gathering_losses_equal_one_process(workers, name):
             assert w[name]["grad1"] is None and z1.grad is None
         else:
             torch.testing.assert_close(w[name]["grad1"] / WORLD, z1.grad[rows])
+
+
+def test_memory_bank_filled_from_every_process_equals_one_process(workers):
+    """NT-Xent with a gathered bank: both processes hold the bank one process with the global
+    batch holds, and their second step (negatives from the first) averages to its step."""
+    ref = _bank_steps(_batch)
+    assert int(ref["ptr"]) == 2 * WORLD * N % BANK_ROWS  # the second step wrapped around
+    for w in workers:
+        torch.testing.assert_close(w["bank"]["bank"], ref["bank"])
+        assert torch.equal(w["bank"]["ptr"], ref["ptr"])
+    # each process's loss is over its own anchors: the mean over processes is the whole batch's
+    torch.testing.assert_close(sum(w["bank"]["loss"] for w in workers) / WORLD, ref["loss"])
+    for r, w in enumerate(workers):
+        torch.testing.assert_close(w["bank"]["grad0"] / WORLD, ref["grad0"][r * N:(r + 1) * N])

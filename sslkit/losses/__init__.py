@@ -1,10 +1,14 @@
-"""Importable losses: plain ``nn.Module``s, distributed-correct, documented with shapes."""
+"""Importable losses: plain ``nn.Module``s, distributed-correct, documented with shapes.
+
+Each loss lightly also has takes lightly's arguments and call, so ``from lightly.loss import X``
+becomes ``from sslkit.losses import X`` (lightly's own loss tests run against these in
+``tests/lightly_compat``; docs/from_lightly.md lists what is the same and what sslkit adds)."""
 
 from sslkit.losses.barlow_twins import BarlowTwinsLoss
 from sslkit.losses.dino import DINOLoss, teacher_temperature
 from sslkit.losses.mae import MAELoss
 from sslkit.losses.mocov3 import MoCoV3Loss
-from sslkit.losses.negative_cosine import NegativeCosineLoss
+from sslkit.losses.negative_cosine import NegativeCosineLoss, NegativeCosineSimilarity
 from sslkit.losses.ntxent import NTXentLoss
 from sslkit.losses.vicreg import VICRegLoss
 
@@ -15,6 +19,7 @@ __all__ = [
     "MoCoV3Loss",
     "NTXentLoss",
     "NegativeCosineLoss",
+    "NegativeCosineSimilarity",
     "VICRegLoss",
     "teacher_temperature",
 ]

@@ -6,11 +6,14 @@ https://arxiv.org/abs/2103.03230.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
-from sslkit.distributed import gather
+from sslkit.distributed import check_gather, gather
 from sslkit.errors import UserError
+from sslkit.losses.arguments import check_pair, pick_name
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -29,8 +32,10 @@ class BarlowTwinsLoss(nn.Module):
     ``terms`` gives the two weighted terms by name; ``forward`` returns their sum.
 
     Args:
-        redundancy_weight: lambda, the weight of the off-diagonal terms (5e-3).
+        lambda_param: lambda, the weight of the off-diagonal terms (5e-3); lightly's name.
         gather_distributed: standardise and correlate over the global batch.
+        redundancy_weight: sslkit's name for ``lambda_param`` (what the method config calls it);
+            give one of the two.
 
     Shapes:
         z_a, z_b: (N, D) projections of the two views, N > 1.
@@ -44,10 +49,23 @@ class BarlowTwinsLoss(nn.Module):
         True
     """
 
-    def __init__(self, redundancy_weight: float = 5e-3, gather_distributed: bool = False) -> None:
+    def __init__(
+        self,
+        lambda_param: float = 5e-3,
+        gather_distributed: bool = False,
+        *,
+        redundancy_weight: Optional[float] = None,
+    ) -> None:
         super().__init__()
-        self.redundancy_weight = redundancy_weight
+        check_gather(gather_distributed, "BarlowTwinsLoss")
+        self.redundancy_weight = pick_name("BarlowTwinsLoss", ("lambda_param", lambda_param, 5e-3),
+                                           ("redundancy_weight", redundancy_weight))
         self.gather_distributed = gather_distributed
+
+    @property
+    def lambda_param(self) -> float:
+        """lightly's name of ``redundancy_weight``."""
+        return self.redundancy_weight
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         terms = self.terms(z_a, z_b)
@@ -57,6 +75,7 @@ class BarlowTwinsLoss(nn.Module):
         """The loss's weighted terms, whose sum ``forward`` returns: ``invariance`` (the
         on-diagonal ``sum_i (1 - C_ii)^2``) and ``redundancy`` (``redundancy_weight`` times the
         off-diagonal ``sum_{i != j} C_ij^2``); each a scalar. Shapes as ``forward``."""
+        check_pair("BarlowTwinsLoss", z_a, z_b)
         if self.gather_distributed:
             z_a, z_b = gather(z_a), gather(z_b)  # (P * N, D)
         if len(z_a) < 2:

@@ -5,13 +5,15 @@ Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020, https://arxiv.org/abs/2
 
 from __future__ import annotations
 
-from lightly.loss import NegativeCosineSimilarity
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
-class NegativeCosineLoss(NegativeCosineSimilarity):
+class NegativeCosineLoss(nn.Module):
     """``-cos(x0, x1)`` averaged over the batch: BYOL's ``2 - 2 cos`` up to a constant and scale.
 
-    lightly's implementation. It has no cross-sample terms, so under DDP's gradient averaging a
+    lightly's ``NegativeCosineSimilarity`` (also importable under that name from
+    ``sslkit.losses``), the same arguments and call. It has no cross-sample terms, so under DDP's gradient averaging a
     step with P processes of batch N equals one process with batch P * N without any gathering.
 
     Args:
@@ -32,4 +34,11 @@ class NegativeCosineLoss(NegativeCosineSimilarity):
     """
 
     def __init__(self, dim: int = 1, eps: float = 1e-8) -> None:
-        super().__init__(dim=dim, eps=eps)
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        return -F.cosine_similarity(x0, x1, self.dim, self.eps).mean()
+
+
+NegativeCosineSimilarity = NegativeCosineLoss  # lightly's name

@@ -58,7 +58,7 @@ class DINO(MomentumMethod):
                 "set model.timm_kwargs.dynamic_img_size=true"
             )
         m = self.config
-        self.criterion = DINOLoss(m.proj_output_dim, m.student_temp, m.center_momentum)
+        self.criterion = DINOLoss(m.proj_output_dim, student_temp=m.student_temp, center_momentum=m.center_momentum)
 
     def make_head(self) -> nn.Module:
         m = self.config

@@ -1,9 +1,10 @@
-"""Backbones, heads, momentum (EMA) encoders and MAE's masking parts."""
+"""Backbones, heads, momentum (EMA) encoders, memory banks and MAE's masking parts."""
 
 from lightly.models.modules import SimCLRProjectionHead
 
 from sslkit.models.backbones import BACKBONES, TinyCNN, create_backbone
 from sslkit.models.heads import DINOHead, mlp_head
+from sslkit.models.memory_bank import MemoryBank
 from sslkit.models.masking import MAEDecoder, encode_visible, patchify, random_token_mask
 from sslkit.models.momentum import MomentumEncoder, cosine_momentum
 from sslkit.models.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
@@ -12,6 +13,7 @@ __all__ = [
     "BACKBONES",
     "DINOHead",
     "MAEDecoder",
+    "MemoryBank",
     "MomentumEncoder",
     "SimCLRProjectionHead",
     "SyncBatchNorm",
