@@ -33,7 +33,8 @@ class BarlowTwins(TwoViewMethod):
 
     def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
         super().__init__(cfg, num_classes)
-        self.criterion = BarlowTwinsLoss(self.config.redundancy_weight, self.config.gather_distributed)
+        self.criterion = BarlowTwinsLoss(redundancy_weight=self.config.redundancy_weight,
+                                         gather_distributed=self.config.gather_distributed)
 
     def loss_terms(self, z0: Tensor, z1: Tensor) -> LossTerms:
         return self.criterion.terms(z0, z1)

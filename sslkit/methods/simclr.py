@@ -30,7 +30,7 @@ class SimCLR(TwoViewMethod):
 
     def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
         super().__init__(cfg, num_classes)
-        self.criterion = NTXentLoss(self.config.temperature, self.config.gather_distributed)
+        self.criterion = NTXentLoss(self.config.temperature, gather_distributed=self.config.gather_distributed)
 
     def make_head(self) -> nn.Module:
         m = self.config

@@ -36,7 +36,8 @@ class VICReg(TwoViewMethod):
     def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
         super().__init__(cfg, num_classes)
         m = self.config
-        self.criterion = VICRegLoss(m.sim_weight, m.var_weight, m.cov_weight, m.gather_distributed)
+        self.criterion = VICRegLoss(sim_weight=m.sim_weight, var_weight=m.var_weight, cov_weight=m.cov_weight,
+                                    gather_distributed=m.gather_distributed)
 
     def loss_terms(self, z0: Tensor, z1: Tensor) -> LossTerms:
         return self.criterion.terms(z0, z1)

@@ -62,6 +62,8 @@ class MemoryBank(nn.Module):
         feature_dim_first: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(size, bool):
+            raise UserError(f"MemoryBank size must be rows or (rows, dim), got {size}: pass e.g. (4096, 128)")
         if not isinstance(size, int):
             if len(size) != 2 or dim is not None:
                 raise UserError(f"MemoryBank size must be rows or (rows, dim), got {tuple(size)}: pass e.g. (4096, 128)")
