@@ -55,15 +55,29 @@ def set_step(method, step: int, steps_per_epoch: int, total_steps: int) -> None:
     method.scheduled = at_step(method.schedules(steps_per_epoch, total_steps), step)
 
 
+_WORKER: dict[str, Any] = {}  # in a worker of run_gloo_workers: its store, rank and world size
+
+
 def _gloo_worker(rank: int, port: int, world: int, work: Callable[[int], Any], out_dir: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    _WORKER.update(store=store, rank=rank, world=world)
+    regroup("first")
     try:
         assert dist.get_world_size() == world  # really `world` processes
         torch.save(work(rank), Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def regroup(tag: str) -> None:
+    """In a worker of ``run_gloo_workers``: join the workers' process group again if code under
+    test destroyed it (accelerate's ``end_training`` does); ``tag`` names the new group's keys in
+    the shared store, the same on every worker and new for each group."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.PrefixStore(tag, _WORKER["store"]), rank=_WORKER["rank"],
+                                world_size=_WORKER["world"], timeout=timedelta(seconds=60))
 
 
 def run_gloo_workers(work: Callable[[int], Any], out_dir: Path, world: int = 2) -> list:
@@ -77,7 +91,7 @@ def run_gloo_workers(work: Callable[[int], Any], out_dir: Path, world: int = 2) 
     method = "spawn" if torch.cuda.is_initialized() else "fork"
     ctx = mp.start_processes(_gloo_worker, args=(store.port, world, work, str(out_dir)), nprocs=world, join=False,
                              start_method=method)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     try:
         while not ctx.join(timeout=1):  # raises with the worker's traceback if one fails
             assert time.monotonic() < deadline, "workers timed out"

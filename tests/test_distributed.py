@@ -1,18 +1,26 @@
 """Two CPU processes with batch B per process must step exactly like one process with 2B,
 for every method: gathered negatives carry their gradients, batch statistics and DINO's
-centre are all-reduced, random draws (views, MAE's masks) do not depend on the split."""
+centre are all-reduced, random draws (views, MAE's masks) do not depend on the split.
 
+Every case trains in this process (one process) and in two forked gloo workers (two processes),
+through the whole trainer (``sslkit.engine.train``): one fork for all cases rather than a
+launch per case (each launch re-imports torch and sslkit in three processes, ~1 minute on a
+2-core machine). One run goes through ``sslkit train --num-processes 2`` for the launcher."""
+
+import os
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from sslkit.config import load_config
-from sslkit.engine import read_metrics
+from sslkit.engine import read_metrics, train
 from sslkit.methods import METHODS, create_method
-from tests.conftest import run_sslkit
+from tests.conftest import TINY_RECIPE, regroup, run_gloo_workers, run_sslkit
 
 pytestmark = pytest.mark.slow
 
@@ -48,19 +56,73 @@ def method_args(name: str) -> tuple[str, ...]:
 METHOD_ARGS = {name: method_args(name) for name in METHODS.names()}
 
 
-def _train(tiny_recipe, out, name, processes, *extra):
+# The cases trained with 1 and with 2 processes: every registered method, synchronised BatchNorm
+# (BatchNorm in the backbone and the heads, and BYOL's teacher; lr 0.5: at 2.0, 3 steps through
+# BatchNorm amplify float rounding to 1e-3 of the distance moved; the ratio here is ~1e-6, without
+# model.sync_batchnorm ~0.6), and the control: SimCLR without gathering.
+SYNC_BN = ("model.norm=batch", "method.proj_batch_norm=true", "model.sync_batchnorm=true", "optim.lr=0.5")
+CASES = {
+    **METHOD_ARGS,
+    **{f"{m}_sync_batchnorm": (*METHOD_ARGS[m], *SYNC_BN) for m in ("simclr", "byol")},
+    "simclr_local": (*METHOD_ARGS["simclr"], "method.gather_distributed=false"),
+}
+
+
+def _overrides(out: Path, name: str, extra: tuple[str, ...]) -> list[str]:
     # a whole method section (method={...}) first, so that EQUIVALENCE's method keys apply to it
     # (and only the keys that method has: MAE's has no projection head)
     section = [a for a in extra if a.startswith("method=")]
     rest = [a for a in extra if not a.startswith("method=")]
     keys = METHODS.config(yaml.safe_load(section[0].split("=", 1)[1])["name"]).model_fields if section else {}
     equivalence = [a for a in EQUIVALENCE if not a.startswith("method.") or a.split("=")[0].split(".")[1] in keys]
-    done = run_sslkit("train", str(tiny_recipe), "--num-processes", str(processes),
-                      f"train.output_dir={out}", f"train.name={name}", *section, *equivalence, *rest)
-    assert done.returncode == 0, done.stderr[-3000:]
-    start = next(m for m in read_metrics(out / name) if m.get("event") == "start")
-    assert start["world_size"] == processes  # really two processes, not one
-    return load_file(out / name / "checkpoints" / "last" / "model.safetensors")
+    return [f"train.output_dir={out}", f"train.name={name}", *section, *equivalence, *rest]
+
+
+def _weights(run_dir: Path, processes: int) -> dict:
+    start = next(m for m in read_metrics(run_dir) if m.get("event") == "start")
+    assert start["world_size"] == processes  # really that many processes
+    return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+
+
+def _train_cases(recipe: str, out: str, processes: int, rank: int = 0) -> dict:
+    """Train every case in this process (``sslkit.engine.train``, the whole trainer), as one of
+    ``processes``; rank 0 returns each case's final weights."""
+    weights = {}
+    for i, (case, args) in enumerate(CASES.items()):
+        if processes > 1:
+            regroup(f"case{i}")  # the previous run's end_training destroyed the process group
+            AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's state
+        name = f"p{processes}_{case}"
+        train(load_config(recipe, _overrides(Path(out), name, args)))
+        if rank == 0:
+            weights[case] = _weights(Path(out) / name, processes)
+    return weights
+
+
+def _two_process_worker(recipe: str, out: str, rank: int) -> dict:
+    # what a launcher sets: accelerate sees a multi-process CPU run (the process group exists)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      OMP_NUM_THREADS="1")
+    return _train_cases(recipe, out, 2, rank)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one(recipe, tmp_path_factory) -> dict:
+    return _train_cases(str(recipe), str(tmp_path_factory.mktemp("one")), 1)
+
+
+@pytest.fixture(scope="module")
+def two(recipe, tmp_path_factory) -> dict:
+    """Every case with 2 processes: two forked workers in one gloo group (no start-up per case)."""
+    out = tmp_path_factory.mktemp("two")
+    return run_gloo_workers(partial(_two_process_worker, str(recipe), str(out)), out)[0]
 
 
 def _ssl(state):
@@ -72,43 +134,42 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _moved(state, run_dir):
-    """How far training moved the self-supervised weights from their initialisation."""
+def _moved(recipe, one, case):
+    """How far training moved the case's self-supervised weights from their initialisation."""
     set_seed(0)
-    init = create_method(load_config(run_dir / "config.yaml"), state["online_probe.weight"].shape[0]).state_dict()
-    return _max_diff(_ssl(state), _ssl(init))
+    cfg = load_config(recipe, _overrides(Path("unused"), "unused", CASES[case]))
+    init = create_method(cfg, one[case]["online_probe.weight"].shape[0]).state_dict()
+    return _max_diff(_ssl(one[case]), _ssl(init))
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_ARGS))
-def test_two_processes_equal_one(tiny_recipe, tmp_path, method):
-    args = METHOD_ARGS[method]
-    one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
-    two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
-    moved = _moved(one, tmp_path / "p1")
+def test_two_processes_equal_one(recipe, one, two, method):
+    moved = _moved(recipe, one, method)
     assert moved > 1e-3
     # every weight (teacher, online probe and DINO's centre included): the same steps up to float rounding
-    assert one.keys() == two.keys()
-    assert _max_diff(one, two) < 1e-3 * moved
+    assert one[method].keys() == two[method].keys()
+    assert _max_diff(one[method], two[method]) < 1e-3 * moved
     if method == "dino":
-        assert (one["criterion.center"] != 0).any()  # the centre moved, and both runs agree on it
+        assert (one[method]["criterion.center"] != 0).any()  # the centre moved, and both runs agree on it
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
-def test_synchronised_batchnorm_two_processes_equal_one(tiny_recipe, tmp_path, method):
-    """BatchNorm in the backbone and the heads (and BYOL's teacher), statistics over the global batch."""
-    # lr 0.5: at 2.0, 3 steps through BatchNorm amplify float rounding to 1e-3 of the distance moved
-    # (the ratio here is ~1e-6; without model.sync_batchnorm it is ~0.6)
-    args = (*METHOD_ARGS[method], "model.norm=batch", "method.proj_batch_norm=true",
-            "model.sync_batchnorm=true", "optim.lr=0.5")
-    one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
-    two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
-    assert _max_diff(one, two) < 1e-3 * _moved(one, tmp_path / "p1")
-    assert any("running_mean" in k for k in one)
+def test_synchronised_batchnorm_two_processes_equal_one(recipe, one, two, method):
+    case = f"{method}_sync_batchnorm"
+    assert _max_diff(one[case], two[case]) < 1e-3 * _moved(recipe, one, case)
+    assert any("running_mean" in k for k in one[case])
 
 
-def test_without_gathering_two_processes_differ(tiny_recipe, tmp_path):
+def test_without_gathering_two_processes_differ(recipe, one, two):
     """Control: SimCLR without gathering contrasts only against each process's half, and
-    the comparison above can tell."""
-    one = _train(tiny_recipe, tmp_path, "p1", 1)
-    local = _train(tiny_recipe, tmp_path, "p2_local", 2, "method.gather_distributed=false")
-    assert _max_diff(_ssl(one), _ssl(local)) > 0.05 * _moved(one, tmp_path / "p1")
+    the comparison above can tell (one process: the same whether it gathers or not)."""
+    assert _max_diff(_ssl(one["simclr_local"]), _ssl(two["simclr_local"])) > 0.05 * _moved(recipe, one, "simclr")
+
+
+def test_the_launcher_starts_two_processes_that_step_as_one(recipe, one, tmp_path):
+    """The same through the command line: ``sslkit train --num-processes 2`` (accelerate's
+    launcher, two fresh processes) takes the in-process single-process run's steps."""
+    done = run_sslkit("train", str(recipe), "--num-processes", "2",
+                      *_overrides(tmp_path, "cli", METHOD_ARGS["simclr"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _max_diff(one["simclr"], _weights(tmp_path / "cli", 2)) < 1e-3 * _moved(recipe, one, "simclr")
