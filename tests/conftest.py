@@ -80,6 +80,23 @@ def regroup(tag: str) -> None:
                                 world_size=_WORKER["world"], timeout=timedelta(seconds=60))
 
 
+def train_as_launched(cfg: Any) -> Any:
+    """In a worker of ``run_gloo_workers``: ``sslkit.engine.train(cfg)`` as one of the processes a
+    launcher starts (the environment a launcher sets; accelerate's state of the forked parent
+    forgotten; the process group rejoined after a previous run's ``end_training`` destroyed it)."""
+    from accelerate.state import AcceleratorState
+
+    from sslkit.engine import train
+
+    rank, world = _WORKER["rank"], _WORKER["world"]
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1")
+    _WORKER["runs"] = _WORKER.get("runs", 0) + 1
+    regroup(f"run{_WORKER['runs']}")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train(cfg)
+
+
 def run_gloo_workers(work: Callable[[int], Any], out_dir: Path, world: int = 2) -> list:
     """``work(rank)`` in ``world`` CPU processes joined by a gloo process group; what each
     returned (tensors, dicts of them), in rank order. ``work`` must be a module-level function."""

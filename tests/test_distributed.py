@@ -7,20 +7,18 @@ through the whole trainer (``sslkit.engine.train``): one fork for all cases rath
 launch per case (each launch re-imports torch and sslkit in three processes, ~1 minute on a
 2-core machine). One run goes through ``sslkit train --num-processes 2`` for the launcher."""
 
-import os
 from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from sslkit.config import load_config
 from sslkit.engine import read_metrics, train
 from sslkit.methods import METHODS, create_method
-from tests.conftest import TINY_RECIPE, regroup, run_gloo_workers, run_sslkit
+from tests.conftest import TINY_RECIPE, run_gloo_workers, run_sslkit, train_as_launched
 
 pytestmark = pytest.mark.slow
 
@@ -85,25 +83,16 @@ def _weights(run_dir: Path, processes: int) -> dict:
 
 
 def _train_cases(recipe: str, out: str, processes: int, rank: int = 0) -> dict:
-    """Train every case in this process (``sslkit.engine.train``, the whole trainer), as one of
-    ``processes``; rank 0 returns each case's final weights."""
+    """Train every case (``sslkit.engine.train``, the whole trainer) in this process, or as one of
+    ``processes`` forked workers; rank 0 returns each case's final weights."""
     weights = {}
-    for i, (case, args) in enumerate(CASES.items()):
-        if processes > 1:
-            regroup(f"case{i}")  # the previous run's end_training destroyed the process group
-            AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's state
+    for case, args in CASES.items():
         name = f"p{processes}_{case}"
-        train(load_config(recipe, _overrides(Path(out), name, args)))
+        cfg = load_config(recipe, _overrides(Path(out), name, args))
+        train(cfg) if processes == 1 else train_as_launched(cfg)
         if rank == 0:
             weights[case] = _weights(Path(out) / name, processes)
     return weights
-
-
-def _two_process_worker(recipe: str, out: str, rank: int) -> dict:
-    # what a launcher sets: accelerate sees a multi-process CPU run (the process group exists)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      OMP_NUM_THREADS="1")
-    return _train_cases(recipe, out, 2, rank)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +111,7 @@ def one(recipe, tmp_path_factory) -> dict:
 def two(recipe, tmp_path_factory) -> dict:
     """Every case with 2 processes: two forked workers in one gloo group (no start-up per case)."""
     out = tmp_path_factory.mktemp("two")
-    return run_gloo_workers(partial(_two_process_worker, str(recipe), str(out)), out)[0]
+    return run_gloo_workers(partial(_train_cases, str(recipe), str(out), 2), out)[0]
 
 
 def _ssl(state):

@@ -12,10 +12,12 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from sslkit.cli import launch_command
@@ -27,7 +29,7 @@ from sslkit.engine.run_dir import check_run_dir_free, lock_run_dir, prepare_run_
 from sslkit.engine.trainer import per_process_batch
 from sslkit.errors import UserError
 from sslkit.methods.simclr import SimCLR
-from tests.conftest import run_sslkit
+from tests.conftest import TINY_RECIPE, regroup, run_gloo_workers, run_sslkit, train_as_launched
 from tests.test_distributed import METHOD_ARGS
 
 # 16 steps per epoch, a mid-epoch checkpoint every 6 steps, no k-NN (it does not touch the
@@ -36,12 +38,12 @@ RESUMABLE = ["data.train_limit=1024", "train.epochs=2", "train.checkpoint_every_
              "train.keep_checkpoints=3"]
 
 
-def _start(tiny_recipe, out, name, *extra):
+def _start(tiny_recipe, out, name, *extra, env=None):
     """``sslkit train`` in the background, as a scheduler would start it."""
     args = [sys.executable, "-m", "sslkit", "train", str(tiny_recipe), f"train.output_dir={out}",
             f"train.name={name}", *RESUMABLE, *extra]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _wait_for_checkpoint(run_dir, process, timeout=300.0):
@@ -66,24 +68,32 @@ def _assert_bitwise_equal(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread here, as in a process started with OMP_NUM_THREADS=1: a run continued (or
+    repeated) in this process then computes bitwise what the killed process computed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "byol"])
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_recipe, tmp_path, method):
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_recipe, tmp_path, method, one_thread):
     extra = METHOD_ARGS[method]
-    killed = _start(tiny_recipe, tmp_path, "killed", *extra)
+    killed = _start(tiny_recipe, tmp_path, "killed", *extra, env=one_thread)
     resumed_from = _wait_for_checkpoint(tmp_path / "killed", killed)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=killed",
-                      *RESUMABLE, *extra, "resume=true")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # resumed and the reference in this process (no start-up each), the kill in a real one
+    train(load_config(tiny_recipe, [f"train.output_dir={tmp_path}", "train.name=killed", *RESUMABLE, *extra,
+                                    "resume=true"]))
     resume = next(m for m in read_metrics(tmp_path / "killed") if m.get("event") == "resume")
     assert 0 < resume["step"] < 16  # it really resumed in the middle of the first epoch
     assert resume["step"] >= int(resumed_from.name.rsplit("_", 1)[1])
 
-    reference = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=reference",
-                           *RESUMABLE, *extra)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    train(load_config(tiny_recipe, [f"train.output_dir={tmp_path}", "train.name=reference", *RESUMABLE, *extra]))
     _assert_bitwise_equal(_final_weights(tmp_path / "killed"), _final_weights(tmp_path / "reference"))
     # metrics.jsonl holds each step once: what the killed run logged after its checkpoint was dropped
     steps = [m["step"] for m in read_metrics(tmp_path / "killed") if "loss" in m]
@@ -383,29 +393,57 @@ def _losses(run_dir, after):
     return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m and m["step"] > after}
 
 
+def _world_change_run(recipe, out, name, *extra):
+    train_as_launched(load_config(recipe, [f"train.output_dir={out}", f"train.name={name}", *WORLD_CHANGE, *extra]))
+
+
+def _resume_from_step_4(saved_dir, resumed_dir):
+    """A run directory that resumes from step 4's checkpoint of ``saved_dir``."""
+    shutil.copytree(saved_dir / "checkpoints" / "epoch_0000_step_00000004", resumed_dir / "checkpoints" / "step_4")
+    (resumed_dir / "checkpoints" / "last").symlink_to("step_4")
+    shutil.copy(saved_dir / "config.yaml", resumed_dir)
+
+
+def _two_process_runs(recipe, out, rank):
+    """In two forked workers: the 2-process run that saves, then the 2-process resume from
+    ``one_saved``'s step 4 (made by one process before the fork)."""
+    _world_change_run(recipe, out, "two_saved")
+    if rank == 0:
+        _resume_from_step_4(out / "one_saved", out / "two_resumed")
+    regroup("copied")
+    torch.distributed.barrier()  # rank 1 reads the copy only once rank 0 has made it
+    _world_change_run(recipe, out, "two_resumed", "resume=true")
+
+
+@pytest.fixture(scope="module")
+def world_change(tmp_path_factory):
+    """Runs that save with 1 (2) processes and resume from step 4 with 2 (1): the 1-process ones
+    in this process, the 2-process ones in forked gloo workers, so no start-up per run."""
+    out = tmp_path_factory.mktemp("world_change")
+    recipe = out / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    train(load_config(recipe, [f"train.output_dir={out}", "train.name=one_saved", *WORLD_CHANGE]))
+    run_gloo_workers(partial(_two_process_runs, recipe, out), out)
+    _resume_from_step_4(out / "two_saved", out / "one_resumed")
+    train(load_config(recipe, [f"train.output_dir={out}", "train.name=one_resumed", *WORLD_CHANGE, "resume=true"]))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
-def test_resuming_with_another_number_of_processes_continues_the_trajectory(tiny_recipe, tmp_path, saved, resumed):
+def test_resuming_with_another_number_of_processes_continues_the_trajectory(world_change, saved, resumed):
     """Steps 5-8 resumed from step 4's checkpoint with ``resumed`` processes equal (up to float
     rounding) those of the run that saved it with ``saved`` processes and went on."""
-    def run(name, processes, *extra):
-        done = run_sslkit("train", str(tiny_recipe), "--num-processes", str(processes), f"train.output_dir={tmp_path}",
-                          f"train.name={name}", *WORLD_CHANGE, *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
-        event = next(m for m in read_metrics(tmp_path / name) if m.get("event") in ("start", "resume"))
+    words = {1: "one", 2: "two"}
+    reference, resumed_dir = world_change / f"{words[saved]}_saved", world_change / f"{words[resumed]}_resumed"
+    for run_dir, processes in ((reference, saved), (resumed_dir, resumed)):
+        event = next(m for m in read_metrics(run_dir) if m.get("event") in ("start", "resume"))
         assert event["world_size"] == processes  # really that many processes
 
-    run("reference", saved)
-    reference = tmp_path / "reference"
-    shutil.copytree(reference / "checkpoints" / "epoch_0000_step_00000004", tmp_path / "resumed" / "checkpoints" / "step_4")
-    (tmp_path / "resumed" / "checkpoints" / "last").symlink_to("step_4")
-    shutil.copy(reference / "config.yaml", tmp_path / "resumed")
-    run("resumed", resumed, "resume=true")
-
-    expected, got = _losses(reference, 4), _losses(tmp_path / "resumed", 4)
+    expected, got = _losses(reference, 4), _losses(resumed_dir, 4)
     assert list(got) == [5, 6, 7, 8]
     assert got == pytest.approx(expected, rel=1e-4)
-    final = {k: _final_weights(d) for k, d in (("reference", reference), ("resumed", tmp_path / "resumed"))}
+    final = {k: _final_weights(d) for k, d in (("reference", reference), ("resumed", resumed_dir))}
     at_4 = load_file(reference / "checkpoints" / "epoch_0000_step_00000004" / "model.safetensors")
     moved = max((final["reference"][k] - at_4[k]).abs().max().item() for k in at_4)
     assert max((final["reference"][k] - final["resumed"][k]).abs().max().item() for k in at_4) < 1e-3 * moved
