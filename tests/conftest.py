@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -46,6 +48,21 @@ def run_sslkit(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "sslkit", *args], capture_output=True, text=True,
                           env=full_env, timeout=600)
+
+
+def run_sslkit_here(*args: str) -> subprocess.CompletedProcess:
+    """``sslkit ARGS`` in this process: the entry point's code (``sslkit.cli.main``) without a
+    new Python that imports torch and sslkit again (~11 s on 2 cores); the exit status, stdout
+    and stderr as ``run_sslkit`` gives them."""
+    from sslkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(list(args))
+        except SystemExit as exit:  # argparse's errors
+            status = exit.code
+    return subprocess.CompletedProcess(["sslkit", *args], status, out.getvalue(), err.getvalue())
 
 
 def set_step(method, step: int, steps_per_epoch: int, total_steps: int) -> None:

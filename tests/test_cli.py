@@ -13,7 +13,7 @@ from sslkit.config import ModelConfig
 from sslkit.engine import read_metrics
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.models import create_backbone
-from tests.conftest import TINY_RECIPE, run_sslkit
+from tests.conftest import TINY_RECIPE, run_sslkit, run_sslkit_here
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,9 @@ FMNIST = ["data.name=fashion_mnist", "data.train_limit=2048", "data.test_limit=5
 
 
 def test_train_eval_export_resume(tiny_recipe, tmp_path):
-    """Real data (a Fashion-MNIST subset), so that k-NN scores are not trivially perfect."""
+    """Real data (a Fashion-MNIST subset), so that k-NN scores are not trivially perfect. The
+    first command in a fresh process, as a user runs it; the rest through the same entry point
+    in this process (no start-up each)."""
     if not Path("/usr/share/datasets/fashion-mnist").is_dir() and "SSLKIT_DATA" not in os.environ:
         pytest.skip("Fashion-MNIST is not installed (make test installs it)")
     out = tmp_path / "runs"
@@ -65,7 +67,7 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     assert torch.allclose(backbone(x), from_ckpt(x))
 
     # eval knn on the checkpoint reproduces the k-NN the run logged after its last epoch
-    done = run_sslkit("eval", "knn", "--checkpoint", str(last), "--data", "fashion_mnist",
+    done = run_sslkit_here("eval", "knn", "--checkpoint", str(last), "--data", "fashion_mnist",
                       "--bank-limit", "2048", "--test-limit", "512", "eval.batch_size=256")  # an override too
     assert done.returncode == 0, done.stderr
     result = json.loads((last / "knn_fashion_mnist.json").read_text())
@@ -75,31 +77,31 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     # linear probe and few-shot on the exported backbone; plots of the run
     backbone_file = str(run / "backbone.safetensors")
     limits = ["--data", "fashion_mnist", "--bank-limit", "2048", "--test-limit", "512"]
-    done = run_sslkit("eval", "linear", "--checkpoint", backbone_file, *limits,
+    done = run_sslkit_here("eval", "linear", "--checkpoint", backbone_file, *limits,
                       "--epochs", "10", "--lrs", "0.01", "0.1")
     assert done.returncode == 0, done.stderr
     linear = json.loads((run / "linear_fashion_mnist.json").read_text())
     assert set(linear["per_lr"]) == {"0.01", "0.1"} and linear["top1"] > 0.5  # 10 classes: chance is 0.1
-    done = run_sslkit("eval", "fewshot", "--checkpoint", backbone_file, *limits,
+    done = run_sslkit_here("eval", "fewshot", "--checkpoint", backbone_file, *limits,
                       "--shots", "1", "5", "--seeds", "0", "1")
     assert done.returncode == 0, done.stderr
     fewshot = json.loads((run / "fewshot_fashion_mnist.json").read_text())
     assert fewshot["5"]["mean_top1"] > fewshot["1"]["mean_top1"] > 0.1 and len(fewshot["5"]["runs"]) == 2
     # eval's options and overrides are validated as train's: one line naming the key
     for bad in (["--k", "0"], ["eval.knn_kk=5"]):
-        done = run_sslkit("eval", "knn", "--checkpoint", backbone_file, *limits, *bad)
+        done = run_sslkit_here("eval", "knn", "--checkpoint", backbone_file, *limits, *bad)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert ("eval.knn_k=0" if bad[0] == "--k" else "did you mean 'eval.knn_k'") in done.stderr
-    done = run_sslkit("plot", str(run), "--limit", "256")
+    done = run_sslkit_here("plot", str(run), "--limit", "256")
     assert done.returncode == 0, done.stderr
     for name in ("curves.png", "embedding.png"):
         assert (run / "plots" / name).stat().st_size > 1000
 
     # the same run again is refused; resume continues it to epoch 3
-    again = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t", *FMNIST)
+    again = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t", *FMNIST)
     assert again.returncode == 2 and "resume=true" in again.stderr
     steps_before = max(m["step"] for m in metrics)
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
+    done = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
                       "train.epochs=3", "resume=true", *FMNIST)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
@@ -109,7 +111,7 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     assert last.resolve().name == "epoch_0003"
 
     # a checkpoint of another model is refused by name, not with a shape error
-    other = run_sslkit("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
+    other = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={out}", "train.name=t",
                        "train.epochs=4", "resume=true", "model.width=16", *FMNIST)
     assert other.returncode == 2 and "model.width" in other.stderr
 
@@ -123,7 +125,7 @@ def test_train_eval_export_resume(tiny_recipe, tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_recipe, tmp_path, args, words):
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", *args)
+    done = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={tmp_path}", *args)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     for word in words:
@@ -131,6 +133,7 @@ def test_bad_input_is_one_clear_error(tiny_recipe, tmp_path, args, words):
 
 
 def test_eval_missing_checkpoint(tmp_path):
+    # a fresh process: the exit status the shell sees
     done = run_sslkit("eval", "knn", "--checkpoint", str(tmp_path / "nope"), "--data", "synthetic")
     assert done.returncode == 2 and "nope" in done.stderr and "backbone.safetensors" in done.stderr
 
