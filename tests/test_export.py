@@ -5,8 +5,6 @@ teacher is the exported network), exported in both formats, then loaded in a fre
 process that cannot import sslkit.
 """
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -19,11 +17,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from sslkit import cli
 from sslkit.config import config_from_dict
 from sslkit.engine.checkpoint import export_backbone, load_feature_model
 from sslkit.methods import create_method
-from tests.conftest import TINY_RECIPE, run_sslkit
+from tests.conftest import TINY_RECIPE, run_sslkit_here
 
 pytestmark = pytest.mark.slow
 
@@ -80,10 +77,8 @@ TIMM_ONLY = textwrap.dedent('''
 
 def _cli(*args: str) -> tuple[int, str, str]:
     """``sslkit ARGS`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return code, out.getvalue(), err.getvalue()
+    done = run_sslkit_here(*args)
+    return done.returncode, done.stdout, done.stderr
 
 
 def _features(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +95,7 @@ def exported(tmp_path_factory):
     recipe.write_text(yaml.safe_dump(TINY_RECIPE))
     runs = {}
     for name, overrides in RUNS.items():
-        done = run_sslkit("train", str(recipe), f"train.output_dir={root}", f"train.name={name}", *QUICK, *overrides)
+        done = run_sslkit_here("train", str(recipe), f"train.output_dir={root}", f"train.name={name}", *QUICK, *overrides)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = root / name
 
