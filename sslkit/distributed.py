@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sslkit.errors import UserError
+from sslkit.errors import ArgumentError
 
 
 def check_gather(gather_distributed: bool, owner: str) -> None:
@@ -30,10 +30,10 @@ def check_gather(gather_distributed: bool, owner: str) -> None:
     macOS and Windows builds): ``owner`` (a loss's name) would silently use one process's batch.
 
     Raises:
-        UserError (a ValueError, as lightly's losses raise): naming ``owner`` and the fix.
+        ArgumentError (a ValueError, as lightly's losses raise): naming ``owner`` and the fix.
     """
     if gather_distributed and not dist.is_available():
-        raise UserError(
+        raise ArgumentError(
             f"{owner}(gather_distributed=True) needs torch.distributed, which this torch build lacks: "
             "set gather_distributed=False or install a torch build with distributed support"
         )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sslkit.distributed import check_gather, gather
-from sslkit.errors import UserError
+from sslkit.errors import ArgumentError
 from sslkit.losses.arguments import check_pair, pick_name
 
 
@@ -79,7 +79,7 @@ class BarlowTwinsLoss(nn.Module):
         if self.gather_distributed:
             z_a, z_b = gather(z_a), gather(z_b)  # (P * N, D)
         if len(z_a) < 2:
-            raise UserError(f"BarlowTwinsLoss needs a batch of at least 2 to standardise over, got {len(z_a)}: "
+            raise ArgumentError(f"BarlowTwinsLoss needs a batch of at least 2 to standardise over, got {len(z_a)}: "
                             "use a larger batch")
         z_a, z_b = _standardize(z_a.float()), _standardize(z_b.float())
         c = z_a.T @ z_b / len(z_a)  # (D, D)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.distributed import all_reduce_mean
-from sslkit.errors import UserError
+from sslkit.errors import ArgumentError
 
 
 def teacher_temperature(epoch: float, teacher_temp: float, warmup_temp: float, warmup_epochs: float) -> float:
@@ -57,7 +57,7 @@ class DINOLoss(nn.Module):
         returns: scalar, the mean over the T x S - T pairs and the N samples.
 
     Raises:
-        UserError (a ValueError): an unknown ``center_mode``; a call with fewer than two views
+        ArgumentError (a ValueError): an unknown ``center_mode``; a call with fewer than two views
             in all (no pair to compare).
 
     Examples:
@@ -82,7 +82,7 @@ class DINOLoss(nn.Module):
     ) -> None:
         super().__init__()
         if center_mode != "mean":
-            raise UserError(f"DINOLoss center_mode must be 'mean', got {center_mode!r}")
+            raise ArgumentError(f"DINOLoss center_mode must be 'mean', got {center_mode!r}")
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -99,7 +99,7 @@ class DINOLoss(nn.Module):
         epoch: Optional[int] = None,
     ) -> Tensor:
         if len(teacher_out) * len(student_out) - min(len(teacher_out), len(student_out)) == 0:
-            raise UserError(
+            raise ArgumentError(
                 f"DINOLoss needs at least two views in all to compare different views, got {len(teacher_out)} "
                 f"teacher and {len(student_out)} student view(s): pass the teacher's global views and the student's views"
             )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.distributed import check_gather, gather, rank
-from sslkit.errors import UserError
+from sslkit.errors import ArgumentError
 from sslkit.models.memory_bank import MemoryBank
 
 
@@ -54,7 +54,7 @@ class NTXentLoss(nn.Module):
         returns: scalar, the mean over the 2N anchors of this process (N with a bank).
 
     Raises:
-        UserError (a ValueError): |temperature| < 1e-8, a bad bank size, or
+        ArgumentError (a ValueError): |temperature| < 1e-8, a bad bank size, or
             ``gather_distributed`` without ``torch.distributed``.
 
     Examples:
@@ -77,7 +77,7 @@ class NTXentLoss(nn.Module):
     ) -> None:
         super().__init__()
         if abs(temperature) < 1e-8:
-            raise UserError(f"NTXentLoss needs |temperature| >= 1e-8, got {temperature}: set a temperature such as 0.5")
+            raise ArgumentError(f"NTXentLoss needs |temperature| >= 1e-8, got {temperature}: set a temperature such as 0.5")
         check_gather(gather_distributed, "NTXentLoss")
         self.temperature = temperature
         self.gather_distributed = gather_distributed

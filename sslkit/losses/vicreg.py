@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.distributed import check_gather, gather
-from sslkit.errors import UserError
+from sslkit.errors import ArgumentError
 from sslkit.losses.arguments import check_pair, pick_name
 
 
@@ -46,7 +46,7 @@ class VICRegLoss(nn.Module):
         returns: scalar.
 
     Raises:
-        UserError (a ValueError): outputs of different shapes, a batch of one, or
+        ArgumentError (a ValueError): outputs of different shapes, a batch of one, or
             ``gather_distributed`` without ``torch.distributed``.
 
     Examples:
@@ -96,7 +96,7 @@ class VICRegLoss(nn.Module):
         if self.gather_distributed:
             z_a, z_b = gather(z_a), gather(z_b)  # (P * N, ..., D)
         if len(z_a) < 2:
-            raise UserError(f"VICRegLoss needs a batch of at least 2 for its variance and covariance terms, "
+            raise ArgumentError(f"VICRegLoss needs a batch of at least 2 for its variance and covariance terms, "
                             f"got {len(z_a)}: use a larger batch")
         variance = 0.5 * (_variance_loss(z_a, self.eps) + _variance_loss(z_b, self.eps))
         covariance = _covariance_loss(z_a) + _covariance_loss(z_b)

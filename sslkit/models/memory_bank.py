@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.distributed import check_gather, gather
-from sslkit.errors import UserError
+from sslkit.errors import ArgumentError
 
 
 class MemoryBank(nn.Module):
@@ -63,13 +63,13 @@ class MemoryBank(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(size, bool):
-            raise UserError(f"MemoryBank size must be rows or (rows, dim), got {size}: pass e.g. (4096, 128)")
+            raise ArgumentError(f"MemoryBank size must be rows or (rows, dim), got {size}: pass e.g. (4096, 128)")
         if not isinstance(size, int):
             if len(size) != 2 or dim is not None:
-                raise UserError(f"MemoryBank size must be rows or (rows, dim), got {tuple(size)}: pass e.g. (4096, 128)")
+                raise ArgumentError(f"MemoryBank size must be rows or (rows, dim), got {tuple(size)}: pass e.g. (4096, 128)")
             size, dim = size
         if size <= 0 or (dim is not None and dim <= 0):
-            raise UserError(f"MemoryBank needs rows > 0 and dim > 0, got rows={size}, dim={dim}")
+            raise ArgumentError(f"MemoryBank needs rows > 0 and dim > 0, got rows={size}, dim={dim}")
         check_gather(gather_distributed, "MemoryBank")
         self.size = size
         self.gather_distributed = gather_distributed
