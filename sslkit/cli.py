@@ -1,4 +1,4 @@
-"""``sslkit train | eval knn|linear|fewshot | plot | export``: the command line.
+"""``sslkit train | eval knn|linear|fewshot | plot | export | embed``: the command line.
 
     sslkit train recipes/quickstart.yaml optim.lr=0.3 train.epochs=10
     sslkit train recipes/quickstart.yaml --num-processes 2      # launches through Accelerate
@@ -7,6 +7,7 @@
     sslkit eval linear --checkpoint runs/quickstart/backbone.safetensors --data fashion_mnist
     sslkit plot runs/quickstart
     sslkit export runs/mae_fashion_mnist --format hf            # timm-loadable, no sslkit needed
+    sslkit embed --checkpoint runs/quickstart/backbone.safetensors --data fashion_mnist --out emb/ --neighbors 10
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from accelerate import Accelerator
 from torch import nn
 
 from sslkit.config import Config, apply_override, config_from_dict, load_config
+from sslkit.data import item_keys, load_dataset
+from sslkit.embed import SUMMARY, check_embed_options, embed
 from sslkit.engine import train
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.engine.guards import parent_death_signal
 from sslkit.engine.run_dir import check_run_dir_free, run_path
 from sslkit.errors import UserError
 from sslkit.engine.trainer import create_accelerator, knn_monitor
-from sslkit.eval.clean import clean_features
+from sslkit.eval.clean import clean_batches, clean_features, clean_transform
 from sslkit.eval.fewshot import fewshot_eval
+from sslkit.eval.knn import DEFAULT_CHUNK
 from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
 from sslkit.export import FORMATS, export_run
 
@@ -82,8 +86,7 @@ def _evaluation(
     tree = cfg.to_dict()
     settings = {"data.name": args.data, "data.root": args.data_root,
                 # the training run's limits do not apply
-                "data.train_limit": None, "data.test_limit": None,
-                "eval.bank_limit": args.bank_limit, "eval.test_limit": args.test_limit, **(options or {})}
+                "data.train_limit": None, "data.test_limit": None, **(options or {})}
     for key, value in settings.items():
         section, name = key.split(".")
         tree[section][name] = value
@@ -94,6 +97,10 @@ def _evaluation(
     return cfg, model.to(accelerator.device), accelerator
 
 
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    return {"eval.bank_limit": args.bank_limit, "eval.test_limit": args.test_limit}
+
+
 def _report(args: argparse.Namespace, accelerator: Accelerator, protocol: str, result: dict, line: str) -> None:
     out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), f"{protocol}_{args.data}")
     if accelerator.is_main_process:
@@ -102,7 +109,7 @@ def _report(args: argparse.Namespace, accelerator: Accelerator, protocol: str, r
 
 
 def _eval_knn(args: argparse.Namespace) -> int:
-    options = {"eval.knn_ks": args.ks, **({"eval.knn_k": args.k} if args.k is not None else {}),
+    options = {**_limits(args), "eval.knn_ks": args.ks, **({"eval.knn_k": args.k} if args.k is not None else {}),
                **({"eval.knn_temperature": args.temperature} if args.temperature is not None else {})}
     cfg, model, accelerator = _evaluation(args, options)
     scores = knn_monitor(cfg, accelerator)(model, accelerator)
@@ -112,7 +119,7 @@ def _eval_knn(args: argparse.Namespace) -> int:
 
 
 def _eval_linear(args: argparse.Namespace) -> int:
-    cfg, model, accelerator = _evaluation(args)
+    cfg, model, accelerator = _evaluation(args, _limits(args))
     train_f, train_l, test_f, test_l, classes = clean_features(cfg, model, accelerator)
     result = train_linear_probes(train_f, train_l, test_f, test_l, classes, lrs=args.lrs, epochs=args.epochs)
     _report(args, accelerator, "linear", result,
@@ -121,7 +128,7 @@ def _eval_linear(args: argparse.Namespace) -> int:
 
 
 def _eval_fewshot(args: argparse.Namespace) -> int:
-    cfg, model, accelerator = _evaluation(args)
+    cfg, model, accelerator = _evaluation(args, _limits(args))
     train_f, train_l, test_f, test_l, classes = clean_features(cfg, model, accelerator)
     result = fewshot_eval(train_f, train_l, test_f, test_l, classes, shots=args.shots, seeds=args.seeds)
     line = "  ".join(f"{n}-shot {r['mean_top1']:.4f} +- {r['std_top1']:.4f}" for n, r in result.items())
@@ -144,6 +151,27 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         print(f"push it to the Hugging Face Hub: huggingface_hub.upload_folder(repo_id='<user>/<repo>', "
               f"folder_path='{done['folder']}')")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    check_embed_options(args.neighbors, args.duplicates)  # before the slow part
+    if args.chunk_size < 1:
+        raise UserError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    cfg, model, accelerator = _evaluation(args)
+    data = load_dataset(cfg.data, args.split)
+    out = Path(args.out)
+    result = embed(model, clean_batches(cfg, accelerator, data), clean_transform(cfg), accelerator,
+                   item_keys(data, cfg.data.name, args.split), out, neighbors=args.neighbors,
+                   duplicates=args.duplicates, chunk_size=args.chunk_size, progress=cfg.train.progress)
+    summary = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split,
+               "neighbors": args.neighbors, "duplicates": args.duplicates, **result}
+    summary["files"].append(SUMMARY)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    pairs = "" if args.duplicates is None else (
+        f", {result['duplicate_pairs']} pair(s) with similarity >= {args.duplicates:g}")
+    print(f"embedded {result['items']} images of {args.data} ({args.split}), {result['dim']} dimensions"
+          f"{pairs} -> {out}")
     return 0
 
 
@@ -201,6 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: <run>/backbone.safetensors, else <run>/checkpoints/last")
     ex.add_argument("--output", default=None, help="folder (default: <run>/export/<format>/)")
     ex.set_defaults(func=_export)
+
+    em = sub.add_parser("embed", help="features of every image, a FAISS index, nearest neighbours and duplicates")
+    em.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
+    em.add_argument("--data", required=True, help="dataset name, e.g. image_folder or fashion_mnist")
+    em.add_argument("--data-root", default=None, help="where the dataset lives (default: its usual places)")
+    em.add_argument("--split", choices=("train", "test"), default="train",
+                    help="which split to embed (an image folder without split folders has one)")
+    em.add_argument("--out", required=True, help="folder for embeddings.npy, items.txt, index.faiss, ...")
+    em.add_argument("--neighbors", type=int, default=None, metavar="K",
+                    help="write neighbors.jsonl: each image's K most similar others")
+    em.add_argument("--duplicates", type=float, default=None, metavar="T",
+                    help="write duplicates.jsonl: every pair with cosine similarity >= T, e.g. 0.95")
+    em.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                    help="queries per search call and most rows per duplicate block (lower it to use less memory)")
+    em.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.image_size=224 eval.batch_size=256")
+    em.set_defaults(func=_embed)
     return parser
 
 

@@ -19,7 +19,7 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,20 @@ class ImageData:
 
 Dataset = Union[ImageData, "ImageFolder"]
 DATASETS: Registry[Callable[[DataConfig, str], Dataset]] = Registry("dataset")
+
+
+def item_keys(data: Dataset, name: str, split: str) -> Sequence[str]:
+    """The path or key of each sample of ``data``, in index order (``sslkit embed``'s items.txt).
+
+    A dataset names its own samples with an ``item_keys()`` method where it can (``ImageFolder``:
+    each image's file path); in-memory arrays have none and get ``<name>/<split>/<index>``,
+    e.g. ``fashion_mnist/train/000123`` (at least 6 digits, so the keys sort in index order).
+    """
+    own = getattr(data, "item_keys", None)
+    if own is not None:
+        return own()
+    width = max(6, len(str(len(data) - 1)))
+    return [f"{name}/{split}/{i:0{width}d}" for i in range(len(data))]
 
 
 def check_bad_images(value: str) -> None:

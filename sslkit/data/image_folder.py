@@ -228,6 +228,10 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def item_keys(self) -> np.ndarray:
+        """Each sample's file path, in index order (see ``sslkit.data.datasets.item_keys``)."""
+        return self.paths
+
     def _fit(self, image: torch.Tensor) -> torch.Tensor:
         """``(..., C, H, W)`` -> ``(..., C, S, S)``: shorter side to S (antialiased), centre crop."""
         image = TF.resize(image, self.image_size, antialias=True)

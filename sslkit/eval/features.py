@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,35 @@ if TYPE_CHECKING:
     import accelerate
 
 
-@torch.no_grad()
+def iter_features(
+    backbone: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    transform: Callable[[Tensor], Tensor],
+    accelerator: "accelerate.Accelerator | None" = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Embed ``batches`` one at a time with ``backbone`` in eval mode (restored afterwards).
+
+    Same arguments as :func:`extract_features`. Yields ``(features (b, D) float32, labels (b,)
+    int64)`` per batch, on the batches' device: a caller that streams them somewhere (``sslkit
+    embed`` writes them to disk) never holds all of them.
+    """
+    if accelerator is not None:
+        # A DDP wrapper may run collectives in forward; ranks whose shards differ by one
+        # batch would then hang, so embed with the bare module.
+        backbone = accelerator.unwrap_model(backbone)
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for images, targets in batches:
+            x = transform(images)
+            with torch.no_grad(), autocast():
+                f = backbone(x)
+            yield f.flatten(1).float(), targets.long()  # (b, D), (b,)
+    finally:
+        backbone.train(was_training)
+
+
 def extract_features(
     backbone: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -37,24 +65,11 @@ def extract_features(
         linear probes run there: no round trip through the host), in matching order; with
         ``gather`` every sample of every shard appears exactly once.
     """
-    if accelerator is not None:
-        # A DDP wrapper may run collectives in forward; ranks whose shards differ by one
-        # batch would then hang, so embed with the bare module.
-        backbone = accelerator.unwrap_model(backbone)
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-    was_training = backbone.training
-    backbone.eval()
     feats: list[Tensor] = []
     labels: list[Tensor] = []
-    try:
-        for images, targets in batches:
-            x = transform(images)
-            with autocast():
-                f = backbone(x)
-            feats.append(f.flatten(1).float())  # (b, D)
-            labels.append(targets.long())
-    finally:
-        backbone.train(was_training)
+    for f, targets in iter_features(backbone, batches, transform, accelerator):
+        feats.append(f)  # (b, D)
+        labels.append(targets)
     if not feats:
         raise ValueError("extract_features got no batches")
     features = torch.cat(feats)  # (n, D) on the device

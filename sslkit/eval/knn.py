@@ -109,7 +109,7 @@ def knn_scores_multi(
     order = sorted(set(ks))
     prefixes = [min(k, bank.shape[0]) for k in order]  # neighbours actually used per k, ascending
     scores = {k: torch.zeros(query.shape[0], num_classes, device=device) for k in order}  # (Q, C) each
-    with _searcher(bank, backend) as search:
+    with searcher(bank, backend) as search:
         for start in range(0, query.shape[0], chunk_size):
             sims, idx = search(query[start : start + chunk_size], prefixes[-1])  # (c, kmax), (c, kmax)
             votes = (sims / temperature).exp()  # (c, kmax)
@@ -210,8 +210,14 @@ def _topk_correct(scores: Tensor, labels: Tensor, topk: Sequence[int]) -> Tensor
 
 
 @contextlib.contextmanager
-def _searcher(bank: Tensor, backend: str) -> Iterator[Search]:
-    """A k-NN search over the normalised (N, D) ``bank`` for the chosen backend."""
+def searcher(bank: Tensor, backend: str = "auto", index: "faiss.IndexFlatIP | None" = None) -> Iterator[Search]:
+    """An exact inner-product k-NN search over the normalised (N, D) ``bank``: a function
+    ``(queries (c, D), k) -> (similarities (c, k), bank indices (c, k))``, best first.
+
+    ``backend`` picks FAISS's GPU search, a CPU ``IndexFlatIP`` or a chunked torch matmul, as
+    :func:`knn_scores` describes. ``index``: an ``IndexFlatIP`` that already holds ``bank``,
+    searched on the CPU path instead of building another copy (the GPU paths read ``bank``).
+    """
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"knn backend must be 'auto', 'faiss' or 'torch', got '{backend}'")
     on_cuda = bank.device.type == "cuda"
@@ -226,8 +232,9 @@ def _searcher(bank: Tensor, backend: str) -> Iterator[Search]:
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(torch.get_num_threads())
         try:
-            index = faiss.IndexFlatIP(bank.shape[1])
-            index.add(bank.cpu().numpy())
+            if index is None:
+                index = faiss.IndexFlatIP(bank.shape[1])
+                index.add(bank.cpu().numpy())
 
             def search(q: Tensor, k: int) -> tuple[Tensor, Tensor]:
                 sims, idx = index.search(np.ascontiguousarray(q.cpu().numpy()), k)
