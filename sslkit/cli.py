@@ -170,8 +170,9 @@ def _embed(args: argparse.Namespace) -> int:
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     pairs = "" if args.duplicates is None else (
         f", {result['duplicate_pairs']} pair(s) with similarity >= {args.duplicates:g}")
+    skipped = f", {len(result['skipped'])} undecodable file(s) left out" if result["skipped"] else ""
     print(f"embedded {result['items']} images of {args.data} ({args.split}), {result['dim']} dimensions"
-          f"{pairs} -> {out}")
+          f"{pairs}{skipped} -> {out}")
     return 0
 
 

@@ -20,7 +20,10 @@ Files in ``--out``; every one reads with numpy, faiss and the standard library a
 * ``duplicates.jsonl`` (``--duplicates T``): one line per pair with cosine similarity >= T, each
   pair once (i < j), ordered by i then j:
   ``{"rows": [i, j], "items": [..., ...], "similarity": s}``.
-* ``embed.json``: what was embedded (checkpoint, data, split, N, D) and the counts.
+* ``embed.json``: what was embedded (checkpoint, data, split, N, D), the counts, and the files
+  left out: under ``data.bad_images=skip`` an undecodable file is named in a warning and has no
+  row (the loader fills its place with the next image, which would otherwise pass for its
+  duplicate).
 
 Memory is bounded: images are embedded batch by batch straight into ``embeddings.npy`` (a
 memory map); neighbours are searched ``chunk_size`` queries at a time, and duplicates are found
@@ -34,6 +37,7 @@ chunked torch matmul on CUDA without it, a CPU ``IndexFlatIP`` otherwise.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -45,6 +49,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sslkit.data import Batches
 from sslkit.errors import UserError
 from sslkit.eval.features import iter_features
 from sslkit.eval.knn import DEFAULT_CHUNK, searcher
@@ -100,6 +105,20 @@ def write_embeddings(
         raise RuntimeError(f"embedded {row} items, but the dataset has {num_items}")
     out.flush()
     return out
+
+
+def _keep_rows(embeddings: np.memmap, keep: np.ndarray, path: Path, chunk_size: int) -> np.memmap:
+    """``embeddings[keep]`` written over ``path`` (its memory map), ``chunk_size`` rows at a time."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    kept = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(int(keep.sum()), embeddings.shape[1]))
+    row = 0
+    for start in range(0, len(embeddings), chunk_size):
+        part = embeddings[start : start + chunk_size][keep[start : start + chunk_size]]  # (c', D)
+        kept[row : row + len(part)] = part
+        row += len(part)
+    kept.flush()
+    os.replace(tmp, path)
+    return kept
 
 
 def flat_index(embeddings: np.ndarray, chunk_size: int = DEFAULT_CHUNK) -> faiss.IndexFlatIP:
@@ -168,7 +187,7 @@ def duplicate_pairs(
 
 def embed(
     model: nn.Module,
-    batches: Any,
+    batches: Batches,
     transform: Callable[[Tensor], Tensor],
     accelerator: Accelerator,
     items: Sequence[str],
@@ -182,7 +201,8 @@ def embed(
 
     Args:
         model: the feature network, on ``accelerator.device``.
-        batches: the dataset's items in index order, ``len(items)`` of them, one process.
+        batches: the dataset's items in index order, ``len(items)`` of them, one process. The
+            rows of files it skipped (``data.bad_images=skip``) are left out, and listed.
         transform: uint8 images -> the normalised float images ``model`` takes.
         accelerator: device and autocast; must be a single process.
         items: the path or key of each item (``sslkit.data.item_keys``).
@@ -193,7 +213,8 @@ def embed(
         progress: show the tqdm bar (main process only).
 
     Returns:
-        ``{"items": N, "dim": D, "files": [...], "duplicate_pairs": m (with duplicates)}``.
+        ``{"items": N, "dim": D, "normalized": True, "skipped": [files left out], "files": [...],
+        "duplicate_pairs": m (with duplicates)}``.
     """
     check_embed_options(neighbors, duplicates)
     if accelerator.num_processes > 1:
@@ -207,11 +228,17 @@ def embed(
         (out / stale).unlink(missing_ok=True)
     embeddings = write_embeddings(model, batches, transform, accelerator, len(items), out / "embeddings.npy",
                                   progress)
+    skipped = batches.skipped_files  # data.bad_images=skip: their rows hold the next image; dropped
+    if skipped:
+        keep = np.array([key not in skipped for key in items])  # (N,) bool
+        embeddings = _keep_rows(embeddings, keep, out / "embeddings.npy", chunk_size)
+        items = [key for key, kept in zip(items, keep) if kept]
     (out / "items.txt").write_text("".join(f"{key}\n" for key in items), encoding="utf-8")
     index = flat_index(embeddings, chunk_size)
     faiss.write_index(index, str(out / "index.faiss"))
     files = list(FILES)
-    result: dict[str, Any] = {"items": len(items), "dim": embeddings.shape[1], "normalized": True}
+    result: dict[str, Any] = {"items": len(items), "dim": embeddings.shape[1], "normalized": True,
+                              "skipped": sorted(skipped)}
     if neighbors is not None or duplicates is not None:
         on_device = accelerator.device.type != "cpu"
         bank = torch.from_numpy(embeddings)  # (N, D): the memory map, no copy

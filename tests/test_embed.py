@@ -156,6 +156,34 @@ def test_chunking_changes_nothing(backbone, photos, tmp_path):
             assert [n["row"] for n in a["neighbors"]] == [n["row"] for n in b["neighbors"]]
 
 
+def test_skipped_files_have_no_row(backbone, photos, tmp_path):
+    """Under data.bad_images=skip the loader gives an undecodable file the next image: embed leaves
+    its row out (it would pass for that image's duplicate)."""
+    root = tmp_path / "photos"
+    shutil.copytree(photos[0], root)
+    broken = root / "dogs" / "img_04.png"  # its place would get img_06.png, the next file
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "emb"
+    with pytest.warns(UserWarning, match="img_04.png"):
+        summary = run_embed(backbone, out, "--data", "image_folder", "--data-root", str(root), "--duplicates",
+                            "0.9999", "data.image_size=16", "data.bad_images=skip", "--chunk-size", "4")
+    items = (out / "items.txt").read_text().splitlines()
+    emb = np.load(out / "embeddings.npy")
+    assert summary["skipped"] == [str(broken)] and summary["items"] == len(items) == len(emb) == 29
+    assert str(broken) not in items
+    reference = np.load(_embed_again(backbone, photos[0], tmp_path / "full") / "embeddings.npy")
+    full_items = (tmp_path / "full" / "items.txt").read_text().splitlines()
+    rows = [full_items.index(str(photos[0] / Path(item).relative_to(root))) for item in items]
+    np.testing.assert_allclose(emb, reference[rows], atol=1e-6)  # every other row is its own image's
+    got = [tuple(line["rows"]) for line in read_jsonl(out / "duplicates.jsonl")]
+    assert got == brute_force_pairs(emb, 0.9999) and len(got) == 5  # the planted ones, no false pair
+
+
+def _embed_again(backbone: Path, root: Path, out: Path) -> Path:
+    run_embed(backbone, out, "--data", "image_folder", "--data-root", str(root), "data.image_size=16")
+    return out
+
+
 def test_exact_ties_and_threshold_bounds():
     """Exact duplicates tie with the row itself; the threshold is inclusive; T = -1 takes every pair."""
     emb = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0], [0.6, 0.8]])  # rows 0-3 identical: similarity 1.0 exactly

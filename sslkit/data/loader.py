@@ -49,7 +49,8 @@ class Batches:
 
     ``bad_images``: how many samples of the batches yielded so far (since construction,
     over all epochs; this rank's only) came from an undecodable file replaced by the next
-    image (``data.bad_images=skip``). Each such file is also warned about once.
+    image (``data.bad_images=skip``). Each such file is also warned about once, and
+    ``skipped_files`` names them (as the dataset's ``item_keys`` do).
     """
 
     def __init__(
@@ -109,6 +110,11 @@ class Batches:
                 f"{self.batch_size} per process with drop_last=True: lower the batch size, "
                 "use more data (data.train_limit/test_limit), or set drop_last=False"
             )
+
+    @property
+    def skipped_files(self) -> frozenset[str]:
+        """The undecodable files replaced so far (``data.bad_images=skip``), by path."""
+        return frozenset(self._warned)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch whose order ``__iter__`` yields, from its batch ``start`` on (a run
