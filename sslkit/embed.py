@@ -74,6 +74,11 @@ def check_embed_options(neighbors: Optional[int], duplicates: Optional[float]) -
         )
 
 
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A tqdm bar counting images, shown by the main process (``sslkit embed`` runs as one)."""
+    return tqdm(total=total, unit="img", unit_scale=True, dynamic_ncols=True, desc=desc, disable=not progress)
+
+
 def write_embeddings(
     model: nn.Module,
     batches: Any,
@@ -87,8 +92,7 @@ def write_embeddings(
 
     ``batches`` yields the N items in index order (one process); the tqdm bar counts images.
     """
-    bar = tqdm(total=num_items, unit="img", unit_scale=True, dynamic_ncols=True, desc="embed",
-               disable=not (progress and accelerator.is_main_process))
+    bar = _bar(num_items, "embed", progress and accelerator.is_main_process)
     out: Optional[np.memmap] = None
     row = 0
     with bar:
@@ -131,6 +135,7 @@ def flat_index(embeddings: np.ndarray, chunk_size: int = DEFAULT_CHUNK) -> faiss
 
 def nearest_neighbors(
     embeddings: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK, index: Optional[faiss.IndexFlatIP] = None,
+    backend: str = "auto",
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Each row's ``k`` most similar other rows (at most N - 1), most similar first.
 
@@ -139,6 +144,8 @@ def nearest_neighbors(
         k: neighbours per row.
         chunk_size: query rows per search call.
         index: an ``IndexFlatIP`` already holding ``embeddings`` (saves a copy on the CPU).
+        backend: ``sslkit.eval.knn.searcher``'s: "auto" (FAISS, GPU or CPU as the features
+            are, or a torch matmul on CUDA without faiss-gpu), "faiss" or "torch".
 
     Yields:
         ``(start, similarities (c, k'), rows (c, k'))`` per chunk of rows ``start .. start + c``,
@@ -148,7 +155,7 @@ def nearest_neighbors(
     """
     n = embeddings.shape[0]
     k = min(k, n - 1)
-    with searcher(embeddings, "auto", index) as search:
+    with searcher(embeddings, backend, index) as search:
         for start in range(0, n, chunk_size):
             query = embeddings[start : start + chunk_size]  # (c, D)
             if k == 0:
@@ -172,7 +179,7 @@ def duplicate_pairs(
     block's first on; memory is O(r x N) whatever N.
 
     Yields:
-        ``(i (m,), j (m,), similarities (m,))`` per block, ordered by i then j.
+        ``(i (m,), j (m,), similarities (m,), rows done)`` per block, ordered by i then j.
     """
     n = embeddings.shape[0]
     rows = max(1, min(chunk_size, _BLOCK_ELEMENTS // max(n, 1)))
@@ -182,7 +189,7 @@ def duplicate_pairs(
         cols = torch.arange(sims.shape[1], device=sims.device)  # (N - start,)
         later = cols[None, :] > torch.arange(len(block), device=sims.device)[:, None]  # (r, N - start): j > i
         i, j = torch.nonzero((sims >= threshold) & later, as_tuple=True)  # (m,) each, row-major
-        yield i + start, j + start, sims[i, j]
+        yield i + start, j + start, sims[i, j], start + len(block)
 
 
 def embed(
@@ -246,21 +253,23 @@ def embed(
         if on_device:
             index = None  # the GPU search reads `bank`; the CPU copy is not needed any more
         if neighbors is not None:
-            with (out / NEIGHBORS).open("w", encoding="utf-8") as f:
+            with (out / NEIGHBORS).open("w", encoding="utf-8") as f, _bar(len(items), "neighbors", progress) as bar:
                 for start, sims, idx in nearest_neighbors(bank, neighbors, chunk_size, index):
                     for r, (row_sims, row_idx) in enumerate(zip(sims.tolist(), idx.tolist())):
                         near = [{"row": j, "item": items[j], "similarity": round(s, 6)}
                                 for j, s in zip(row_idx, row_sims)]
                         f.write(json.dumps({"row": start + r, "item": items[start + r], "neighbors": near}) + "\n")
+                    bar.update(len(sims))
             files.append(NEIGHBORS)
         if duplicates is not None:
             pairs = 0
-            with (out / DUPLICATES).open("w", encoding="utf-8") as f:
-                for i, j, sims in duplicate_pairs(bank, duplicates, chunk_size):
+            with (out / DUPLICATES).open("w", encoding="utf-8") as f, _bar(len(items), "duplicates", progress) as bar:
+                for i, j, sims, done in duplicate_pairs(bank, duplicates, chunk_size):
                     for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist()):
                         f.write(json.dumps({"rows": [a, b], "items": [items[a], items[b]],
                                             "similarity": round(s, 6)}) + "\n")
                     pairs += len(i)
+                    bar.update(done - bar.n)
             files.append(DUPLICATES)
             result["duplicate_pairs"] = pairs
     result["files"] = files

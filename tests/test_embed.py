@@ -184,23 +184,25 @@ def _embed_again(backbone: Path, root: Path, out: Path) -> Path:
     return out
 
 
-def test_exact_ties_and_threshold_bounds():
+@pytest.mark.parametrize("backend", ["faiss", "torch"])  # torch: what CUDA without faiss-gpu searches with
+def test_exact_ties_and_threshold_bounds(backend):
     """Exact duplicates tie with the row itself; the threshold is inclusive; T = -1 takes every pair."""
     emb = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0], [0.6, 0.8]])  # rows 0-3 identical: similarity 1.0 exactly
     for chunk in (1, 4, 100):
-        for start, sims, rows in nearest_neighbors(emb, 2, chunk):
+        for start, sims, rows in nearest_neighbors(emb, 2, chunk, backend=backend):
             for r, (row_sims, row_rows) in enumerate(zip(sims.tolist(), rows.tolist())):
                 i = start + r
                 assert i not in row_rows and len(set(row_rows)) == 2
                 if i < 4:  # two of its three identical copies
                     assert set(row_rows) < {0, 1, 2, 3} and row_sims == [1.0, 1.0]
-        found = [(a, b, s) for i, j, sims in duplicate_pairs(emb, 1.0, chunk)
+        found = [(a, b, s) for i, j, sims, _ in duplicate_pairs(emb, 1.0, chunk)
                  for a, b, s in zip(i.tolist(), j.tolist(), sims.tolist())]
         assert found == [(a, b, 1.0) for a in range(4) for b in range(a + 1, 4)]  # >= T, each pair once
-        every = [(a, b) for i, j, _ in duplicate_pairs(emb, -1.0, chunk) for a, b in zip(i.tolist(), j.tolist())]
+        every = [(a, b) for i, j, _, _ in duplicate_pairs(emb, -1.0, chunk)
+                 for a, b in zip(i.tolist(), j.tolist())]
         assert every == [(a, b) for a in range(6) for b in range(a + 1, 6)]
     # more neighbours asked than other rows: all N - 1 of them
-    (_, sims, rows), = nearest_neighbors(emb, 50)
+    (_, sims, rows), = nearest_neighbors(emb, 50, backend=backend)
     assert rows.shape == (6, 5) and all(sorted(r) == [j for j in range(6) if j != i] for i, r in enumerate(rows.tolist()))
 
 
