@@ -203,7 +203,8 @@ def test_exact_ties_and_threshold_bounds(backend):
         assert every == [(a, b) for a in range(6) for b in range(a + 1, 6)]
     # more neighbours asked than other rows: all N - 1 of them
     (_, sims, rows), = nearest_neighbors(emb, 50, backend=backend)
-    assert rows.shape == (6, 5) and all(sorted(r) == [j for j in range(6) if j != i] for i, r in enumerate(rows.tolist()))
+    assert rows.shape == (6, 5)
+    assert all(sorted(r) == [j for j in range(6) if j != i] for i, r in enumerate(rows.tolist()))
 
 
 # Runs in a fresh interpreter that cannot import sslkit or torch.
