@@ -2,7 +2,7 @@
 changes nothing, the files load with numpy and faiss alone, and bad input is one line.
 
 One untrained tiny backbone (no training needed: the search is what is tested, on whatever
-features it gives) serves every test; each embed runs in this process through ``cli.main``.
+features it gives) serves every test; each embed runs in this process (``run_sslkit_here``).
 """
 
 import json
@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sslkit import cli
 from sslkit.config import config_from_dict
 from sslkit.embed import duplicate_pairs, nearest_neighbors
 from sslkit.engine.checkpoint import export_backbone
 from sslkit.methods import create_method
-from tests.conftest import TINY_RECIPE
+from tests.conftest import TINY_RECIPE, run_sslkit_here
 
 K = 5
 
@@ -60,7 +59,9 @@ def photos(tmp_path_factory) -> tuple[Path, list[tuple[str, str]]]:
 
 
 def run_embed(backbone: Path, out: Path, *args: str) -> dict:
-    assert cli.main(["embed", "--checkpoint", str(backbone), "--out", str(out), *args]) == 0
+    done = run_sslkit_here("embed", "--checkpoint", str(backbone), "--out", str(out), *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("embedded ")
     return json.loads((out / "embed.json").read_text())
 
 
@@ -264,13 +265,13 @@ def test_files_load_with_numpy_and_faiss_alone(backbone, photos, tmp_path):
     (["--data", "synthetic", "--chunk-size", "0"], ["--chunk-size must be at least 1"]),
     (["--data", "image_folder", "--data-root", "{tmp}/missing", "data.image_size=16"], ["missing", "not a folder"]),
 ])
-def test_bad_input_is_one_line(backbone, tmp_path, capsys, args, words):
+def test_bad_input_is_one_line(backbone, tmp_path, args, words):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(backbone), *args]
-    assert cli.main(["embed", "--out", str(tmp_path / "out"), *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sslkit: error: ") and err.count("\n") == 1, err
+    done = run_sslkit_here("embed", "--out", str(tmp_path / "out"), *args)
+    err = done.stderr
+    assert done.returncode == 2 and err.startswith("sslkit: error: ") and err.count("\n") == 1, err
     for word in words:
         assert word in err
     assert not (tmp_path / "out" / "embeddings.npy").exists()
