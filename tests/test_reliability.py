@@ -29,7 +29,7 @@ from sslkit.engine.run_dir import check_run_dir_free, lock_run_dir, prepare_run_
 from sslkit.engine.trainer import per_process_batch
 from sslkit.errors import UserError
 from sslkit.methods.simclr import SimCLR
-from tests.conftest import TINY_RECIPE, regroup, run_gloo_workers, run_sslkit, train_as_launched
+from tests.conftest import TINY_RECIPE, regroup, run_gloo_workers, run_sslkit, run_sslkit_here, train_as_launched
 from tests.test_distributed import METHOD_ARGS
 
 # 16 steps per epoch, a mid-epoch checkpoint every 6 steps, no k-NN (it does not touch the
@@ -226,18 +226,18 @@ def test_a_second_run_is_refused_while_the_first_runs_and_allowed_after_it_is_ki
     try:
         psutil.Process(first.pid).nice(19)  # leave the CPU to the runs below (2 cores)
         _wait_for_checkpoint(run_dir, first)
-        seconds = [_start(tiny_recipe, tmp_path, "run", *extra) for extra in ([], ["resume=true"])]
-        for second in seconds:
-            _, err = second.communicate(timeout=600)
+        for extra in ([], ["resume=true"]):  # from this process: the lock is the other process's
+            second = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run",
+                                     *RESUMABLE, *extra)
             assert second.returncode == 2
-            assert f"{run_dir} is in use by another training run (process {first.pid} on " in _refusal(err)
+            assert f"{run_dir} is in use by another training run (process {first.pid} on " in _refusal(second.stderr)
         assert first.poll() is None  # the first run went on
     finally:
         first.kill()
         first.wait()
     step = _step_of(last_checkpoint(run_dir / "checkpoints"))
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE,
-                      "resume=true", f"train.max_steps={step + 2}")
+    done = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE,
+                           "resume=true", f"train.max_steps={step + 2}")  # the killed run's lock is free
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -373,8 +373,8 @@ def test_sigkill_of_the_launchers_process_group_leaves_no_training_process(tiny_
     assert {p.name for p in last.iterdir()} == CHECKPOINT_FILES
     assert load_file(last / "model.safetensors")
     step = _step_of(last)
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE,
-                      "train.epochs=1000", "resume=true", f"train.max_steps={step + 2}")
+    done = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run", *RESUMABLE,
+                           "train.epochs=1000", "resume=true", f"train.max_steps={step + 2}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # what a save cut short left is gone
 
