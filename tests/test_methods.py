@@ -10,7 +10,7 @@ from sslkit.config import load_config
 from sslkit.engine import read_metrics
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.methods import METHODS, create_method
-from tests.conftest import run_sslkit, set_step
+from tests.conftest import run_sslkit_here, set_step
 from tests.test_distributed import METHOD_ARGS
 
 # The recipe keys of tests/conftest.py's TINY_RECIPE, as overrides, for building in-process.
@@ -52,8 +52,9 @@ def test_loss_falls_on_a_fixed_batch(method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS.names()))
 def test_trains_through_the_cli(tiny_recipe, tmp_path, method):
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run",
-                      "train.epochs=1", "train.max_steps=4", *METHOD_ARGS[method])
+    # through the command line's entry point, in this process (tests/test_cli.py starts a fresh one)
+    done = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=run",
+                           "train.epochs=1", "train.max_steps=4", *METHOD_ARGS[method])
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     losses = [m["loss"] for m in metrics if "loss" in m]
