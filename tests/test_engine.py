@@ -5,7 +5,7 @@ import math
 import pytest
 
 from sslkit.engine import read_metrics
-from tests.conftest import run_sslkit
+from tests.conftest import run_sslkit_here
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
     ],
 )
 def test_loop_options(tiny_recipe, tmp_path, options):
-    done = run_sslkit("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=r",
-                      "eval.knn=false", "data.train_limit=256", *options)
+    done = run_sslkit_here("train", str(tiny_recipe), f"train.output_dir={tmp_path}", "train.name=r",
+                           "eval.knn=false", "data.train_limit=256", *options)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path / "r")
     start = next(m for m in metrics if m.get("event") == "start")
