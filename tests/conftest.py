@@ -99,10 +99,8 @@ def regroup(tag: str) -> None:
 
 def train_as_launched(cfg: Any) -> Any:
     """In a worker of ``run_gloo_workers``: ``sslkit.engine.train(cfg)`` as one of the processes a
-    launcher starts (the environment a launcher sets; accelerate's state of the forked parent
-    forgotten; the process group rejoined after a previous run's ``end_training`` destroyed it)."""
-    from accelerate.state import AcceleratorState
-
+    launcher starts (the environment a launcher sets; the process group rejoined after a previous
+    run's ``end_training`` destroyed it; the trainer forgets the forked parent's accelerate state)."""
     from sslkit.engine import train
 
     rank, world = _WORKER["rank"], _WORKER["world"]
@@ -110,7 +108,6 @@ def train_as_launched(cfg: Any) -> Any:
                       OMP_NUM_THREADS="1")
     _WORKER["runs"] = _WORKER.get("runs", 0) + 1
     regroup(f"run{_WORKER['runs']}")
-    AcceleratorState._reset_state(reset_partial_state=True)
     return train(cfg)
 
 

@@ -1,4 +1,5 @@
-"""The loop's options through the CLI: optimisers, bf16 autocast, accumulation, clipping."""
+"""The loop's options through the CLI: optimisers, bf16 autocast, accumulation, clipping. Both runs
+in this process, one after the other with different precisions, as in a notebook or a sweep."""
 
 import math
 

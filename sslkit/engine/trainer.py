@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -63,6 +64,10 @@ class TrainState:
 
 def create_accelerator(cfg: TrainConfig, run_dir: Path | None = None) -> Accelerator:
     """``cfg.trackers`` write under ``run_dir/trackers`` (e.g. TensorBoard event files)."""
+    # Accelerate keeps one state per process and refuses a second Accelerator with another
+    # precision or device: forget the previous run's, so that train() may run again in this
+    # process (a notebook, a sweep, the tests) with other settings. Rebuilt from the environment.
+    AcceleratorState._reset_state(reset_partial_state=True)
     # Without CUDA, Accelerate only joins several launched processes (gloo) when told cpu=True.
     return Accelerator(
         cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.precision,
