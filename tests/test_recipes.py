@@ -62,7 +62,7 @@ def _view_count(cfg: Config) -> int:
     """How many views the recipe's augment preset makes of each image."""
     if cfg.augment.preset == "multicrop":
         return 2 + cfg.augment.local_crops
-    return 1 if cfg.augment.preset == "single" else 2
+    return 1 if cfg.augment.preset in ("single", "crop") else 2
 
 
 def _is_imagenet(path: Path) -> bool:

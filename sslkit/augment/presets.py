@@ -49,6 +49,16 @@ class MultiCropConfig(AsymmetricConfig):
     local_scale: FractionRange = (0.05, 0.4)
 
 
+class CropConfig(AugmentConfig):
+    """One view: a random resized crop and nothing else (I-JEPA's augmentation)."""
+
+    preset: str = "crop"
+    scale: FractionRange = (0.3, 1.0)  # I-JEPA's crop_scale
+    hflip_prob: Probability = 0.0
+    jitter_prob: Probability = 0.0
+    gray_prob: Probability = 0.0
+
+
 @PRESETS.register("simclr")
 def simclr(cfg: AugmentConfig) -> MultiView:
     """SimCLR: two views from the same distribution."""
@@ -95,6 +105,13 @@ def local_blur_kernel(cfg: MultiCropConfig) -> int:
 @PRESETS.register("single")
 def single(cfg: AugmentConfig) -> MultiView:
     """One view (MAE: the recipe sets a crop of scale 0.2-1 and a flip, no colour changes)."""
+    return MultiView([ViewPipeline(cfg)])
+
+
+@PRESETS.register("crop", config=CropConfig)
+def crop(cfg: CropConfig) -> MultiView:
+    """One view, a random resized crop only by default (I-JEPA: no flip, no colour changes);
+    the recipe's keys may add more."""
     return MultiView([ViewPipeline(cfg)])
 
 

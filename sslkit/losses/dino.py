@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sslkit.distributed import all_reduce_mean
 from sslkit.errors import ArgumentError
+from sslkit.losses.sinkhorn_knopp import sinkhorn_knopp_teacher
 
 
 def teacher_temperature(epoch: float, teacher_temp: float, warmup_temp: float, warmup_epochs: float) -> float:
@@ -48,7 +49,9 @@ class DINOLoss(nn.Module):
         warmup_teacher_temp_epochs: the warm-up's length in epochs (30).
         student_temp: the student's softmax temperature (0.1).
         center_momentum: the centre's EMA momentum (0.9).
-        center_mode: how the batch centre is computed; only ``"mean"``, as lightly.
+        center_mode: ``"mean"`` (DINO's centre, lightly's only mode) or ``"sinkhorn_knopp"``
+            (DINOv2's option: the teacher's probabilities from ``sinkhorn_knopp_teacher`` over all
+            teacher views of the global batch; the centre is then neither used nor updated).
 
     Shapes:
         teacher_out: list of T tensors (N, K), the teacher's outputs of the global views.
@@ -81,8 +84,9 @@ class DINOLoss(nn.Module):
         center_mode: str = "mean",
     ) -> None:
         super().__init__()
-        if center_mode != "mean":
-            raise ArgumentError(f"DINOLoss center_mode must be 'mean', got {center_mode!r}")
+        if center_mode not in ("mean", "sinkhorn_knopp"):
+            raise ArgumentError(f"DINOLoss center_mode must be 'mean' or 'sinkhorn_knopp', got {center_mode!r}")
+        self.center_mode = center_mode
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -107,12 +111,16 @@ class DINOLoss(nn.Module):
             warming = epoch is not None and epoch < self.warmup_teacher_temp_epochs
             teacher_temp = float(self.teacher_temp_schedule[epoch]) if warming else self.teacher_temp
         teacher = torch.stack(teacher_out)  # (T, N, K)
-        t = F.softmax((teacher - self.center) / teacher_temp, dim=-1)  # (T, N, K)
+        if self.center_mode == "sinkhorn_knopp":
+            t = sinkhorn_knopp_teacher(teacher.flatten(0, 1), teacher_temp).view(teacher.shape)  # (T, N, K)
+        else:
+            t = F.softmax((teacher - self.center) / teacher_temp, dim=-1)  # (T, N, K)
         s = F.log_softmax(torch.stack(student_out) / self.student_temp, dim=-1)  # (S, N, K)
         loss = -torch.einsum("tnk,snk->ts", t, s)  # (T, S): summed over the N samples
         loss = loss.fill_diagonal_(0).sum()  # a view is not compared with itself
         pairs = len(teacher_out) * len(student_out) - min(len(teacher_out), len(student_out))
-        self.update_center(teacher)
+        if self.center_mode == "mean":
+            self.update_center(teacher)
         return loss / (pairs * teacher.shape[1])
 
     @torch.no_grad()

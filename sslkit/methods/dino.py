@@ -3,7 +3,7 @@ https://arxiv.org/abs/2104.14294 (official code: facebookresearch/dino, ``main_d
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -39,6 +39,7 @@ class DINOConfig(MomentumConfig):
     warmup_teacher_temp_epochs: NonNegative = 0.0  # linear from warmup_teacher_temp to teacher_temp
     student_temp: Positive = 0.1
     center_momentum: float = Field(0.9, ge=0, lt=1)
+    center_mode: Literal["mean", "sinkhorn_knopp"] = "mean"  # the teacher's centre | DINOv2's Sinkhorn-Knopp
     momentum_base: Probability = 0.996
 
 
@@ -58,7 +59,8 @@ class DINO(MomentumMethod):
                 "set model.timm_kwargs.dynamic_img_size=true"
             )
         m = self.config
-        self.criterion = DINOLoss(m.proj_output_dim, student_temp=m.student_temp, center_momentum=m.center_momentum)
+        self.criterion = DINOLoss(m.proj_output_dim, student_temp=m.student_temp, center_momentum=m.center_momentum,
+                                  center_mode=m.center_mode)
 
     def make_head(self) -> nn.Module:
         m = self.config

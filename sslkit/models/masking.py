@@ -1,8 +1,10 @@
-"""MAE's parts: random patch masking, a ViT encoder that runs on the visible patches only,
-and a light decoder that predicts the pixels of the masked ones.
+"""Masked-image parts: MAE's random patch masking, a ViT encoder that runs on a subset of the
+patches only (MAE's visible patches, I-JEPA's context), a ViT encoder whose masked patches are
+replaced by a mask token (iBOT, DINOv2), and MAE's light decoder that predicts the pixels of
+the masked patches.
 
 He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
-https://arxiv.org/abs/2111.06377.
+https://arxiv.org/abs/2111.06377. Block-wise masks: ``sslkit.models.block_masks``.
 """
 
 from __future__ import annotations
@@ -52,18 +54,39 @@ def check_vit(model: nn.Module, method: str) -> VisionTransformer:
     return model
 
 
-def encode_visible(vit: VisionTransformer, images: Tensor, idx_keep: Tensor) -> Tensor:
+def encode_visible(vit: VisionTransformer, images: Tensor, idx_keep: Tensor, valid: Tensor | None = None) -> Tensor:
     """Run ``vit`` on the visible patches only: the encoder's cost falls with the mask ratio.
 
     images: (B, C, H, W); idx_keep: (B, K) patch indices -> (B, prefix + K, E) normalised tokens,
     the class (prefix) tokens first. Position embeddings are added before the patches are
-    dropped, as in MAE.
+    dropped, as in MAE. ``valid`` (B, K) bool: where images keep different numbers of patches
+    (I-JEPA's context), ``idx_keep`` is padded and only its valid entries are attended to.
     """
     tokens = vit._pos_embed(vit.patch_embed(images))  # (B, prefix + L, E)
     prefix = vit.num_prefix_tokens
     visible = lightly_utils.get_at_index(tokens[:, prefix:], idx_keep)  # (B, K, E)
-    tokens = torch.cat([tokens[:, :prefix], visible], dim=1)
-    return vit.norm(vit.blocks(vit.norm_pre(tokens)))
+    tokens = vit.norm_pre(torch.cat([tokens[:, :prefix], visible], dim=1))
+    if valid is None:
+        return vit.norm(vit.blocks(tokens))
+    keys = torch.cat([valid.new_ones(len(valid), prefix), valid], dim=1)[:, None, None]  # (B, 1, 1, prefix + K)
+    for block in vit.blocks:
+        tokens = block(tokens, attn_mask=keys)
+    return vit.norm(tokens)
+
+
+def encode_masked(vit: VisionTransformer, images: Tensor, mask: Tensor | None = None,
+                  mask_token: Tensor | None = None) -> Tensor:
+    """Run ``vit`` on every patch, those of ``mask`` replaced by ``mask_token`` before the
+    position embeddings are added (iBOT, DINOv2's student); without ``mask`` the plain forward.
+
+    images: (B, C, H, W); mask: (B, h, w) bool over the patch grid; mask_token: (E,) ->
+    (B, prefix + h * w, E) normalised tokens, the prefix (class, register) tokens first.
+    """
+    x = vit.patch_embed(images)  # (B, L, E), or (B, h, w, E) with dynamic_img_size
+    if mask is not None:
+        x = torch.where(mask.reshape(*x.shape[:-1], 1), mask_token.to(x.dtype), x)
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    return vit.norm(vit.blocks(x))
 
 
 class MAEDecoder(nn.Module):
