@@ -73,6 +73,13 @@ def block_mask(
     ratio log-uniform in ``block_aspect`` are added while a rectangle fits in the grid, adds at
     least one new patch and does not overshoot the target (dinov2's ``MaskingGenerator``), for
     ``attempts`` vectorised rounds: an image may end below its target, never above.
+
+    Examples:
+        >>> import torch
+        >>> from sslkit.models import block_mask
+        >>> masks = block_mask(4, (8, 8), generator=torch.Generator().manual_seed(0), views=2)
+        >>> masks.shape, int((masks.flatten(1).sum(1) > 0).sum())  # half of the 8 views masked
+        (torch.Size([8, 8, 8]), 4)
     """
     height, width = grid
     patches = height * width
@@ -164,6 +171,13 @@ def ijepa_masks(
     the first draw without removing the targets (the official sampler relaxes its constraints
     after repeated failures). Blocks never touch the last row or column (``randint(0, H - h)``,
     as the official sampler).
+
+    Examples:
+        >>> import torch
+        >>> from sslkit.models import ijepa_masks
+        >>> context, targets = ijepa_masks(2, (14, 14), generator=torch.Generator().manual_seed(0))
+        >>> context.shape, targets.shape, bool((context[:, None] & targets).any())
+        (torch.Size([2, 14, 14]), torch.Size([2, 4, 14, 14]), False)
     """
     height, width = grid
     rank, world_size = shard
