@@ -23,7 +23,8 @@ class DINOConfig(MomentumConfig):
     """Defaults: ``main_dino.py``'s: a 3-layer head 2048 -> 256 (bottleneck) -> 65536 prototypes
     without BatchNorm, the last layer weight-normalised and frozen for the first epoch, teacher
     temperature 0.04 (no warm-up), student 0.1, centre momentum 0.9, EMA momentum 0.996 -> 1,
-    multi-crop."""
+    multi-crop. ``center_mode: sinkhorn_knopp`` replaces the centre with DINOv2's Sinkhorn-Knopp
+    centring of the teacher."""
 
     preset: ClassVar[str] = "multicrop"
     name: str = "dino"
