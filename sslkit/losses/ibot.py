@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.distributed import all_reduce_sum
+from sslkit.errors import ArgumentError
 from sslkit.losses.sinkhorn_knopp import sinkhorn_knopp_teacher
 
 CENTER_MODES = ("mean", "sinkhorn_knopp")
@@ -71,7 +72,7 @@ class IBOTPatchLoss(nn.Module):
     ) -> None:
         super().__init__()
         if center_mode not in CENTER_MODES:
-            raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are {list(CENTER_MODES)}.")
+            raise ArgumentError(f"IBOTPatchLoss center_mode must be one of {list(CENTER_MODES)}, got {center_mode!r}")
         self.teacher_temp = teacher_temp
         self.student_temp = student_temp
         self.center_mode = center_mode

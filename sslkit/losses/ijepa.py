@@ -12,6 +12,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslkit.errors import ArgumentError
+
 DISTANCES = ("smooth_l1", "l2")
 
 
@@ -38,7 +40,7 @@ class IJEPALoss(nn.Module):
     def __init__(self, distance: str = "smooth_l1") -> None:
         super().__init__()
         if distance not in DISTANCES:
-            raise ValueError(f"unknown distance '{distance}'; use one of {list(DISTANCES)}")
+            raise ArgumentError(f"IJEPALoss distance must be one of {list(DISTANCES)}, got {distance!r}")
         self.distance = distance
 
     def forward(self, predictions: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:

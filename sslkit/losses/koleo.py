@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslkit.distributed import gather, rank
+from sslkit.distributed import check_gather, gather, rank
 
 
 class KoLeoLoss(nn.Module):
@@ -41,6 +41,7 @@ class KoLeoLoss(nn.Module):
 
     def __init__(self, p: float = 2, eps: float = 1e-8, gather_distributed: bool = False) -> None:
         super().__init__()
+        check_gather(gather_distributed, "KoLeoLoss")
         self.p = p
         self.eps = eps
         self.gather_distributed = gather_distributed
