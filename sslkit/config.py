@@ -68,11 +68,16 @@ class KindSection(Section):
     kind_key: ClassVar[str] = "name"
 
 
-class DataConfig(Section):
+class DataConfig(KindSection):
+    """The keys every data source shares. ``name`` picks the source in ``sslkit.data.DATASETS``;
+    a source with keys of its own (``image_folder``'s ``labels``, ``file_list``'s columns)
+    subclasses this beside its code and registers it: ``@DATASETS.register(name, config=...)``.
+    Sources that do not use a key (``image_size`` for Fashion-MNIST) ignore it."""
+
     name: str = "fashion_mnist"  # a key of sslkit.data.DATASETS
     root: Optional[str] = None  # where the dataset lives; None: the dataset's default places
     download: bool = False  # allow torchvision's download (the only network access sslkit does)
-    image_size: Optional[Count] = None  # resize stored images (ImageFolder); None: keep the native size
+    image_size: Optional[Count] = None  # image files: the side every image is resized to; None: native size
     channels: Literal[1, 3] = 3  # grayscale becomes 3 channels for backbones that want RGB
     train_limit: Optional[Count] = None  # use only the first N training images (quick runs, tests)
     test_limit: Optional[Count] = None  # use only the first N test images
@@ -120,6 +125,9 @@ class ModelConfig(Section):
 
 
 class EvalConfig(Section):
+    # the labelled set whose train and test splits feed the k-NN monitor and `sslkit eval`, a data
+    # section of its own ({name: fashion_mnist}); None: the training data (when it has labels)
+    data: Optional[SerializeAsAny[DataConfig]] = None
     knn: bool = True
     every_epochs: Count = 1
     at_start: bool = True  # score the untrained network too
@@ -132,6 +140,11 @@ class EvalConfig(Section):
     online_probe: bool = True  # a linear head on detached backbone features, trained alongside
     online_lr: Positive = 0.1  # its learning rate (no weight decay; follows the same schedule)
     collapse_every_steps: Annotated[int, Field(ge=0)] = 50  # embedding std and effective rank of a batch; 0: off
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data(cls, value: Any) -> Any:
+        return None if value is None else resolve_kind("data", value, "fashion_mnist", "eval.data")
 
 
 class TrainConfig(Section):
@@ -224,25 +237,31 @@ def _registry(section: str) -> Registry:
     """The registry whose entries' configs make up a kind section (imported on first use: the
     registries' modules import this one)."""
     module, name = {"method": ("sslkit.methods", "METHODS"), "augment": ("sslkit.augment", "PRESETS"),
-                    "optim": ("sslkit.engine.optim", "OPTIMIZERS")}[section]
+                    "optim": ("sslkit.engine.optim", "OPTIMIZERS"), "data": ("sslkit.data", "DATASETS")}[section]
     return getattr(importlib.import_module(module), name)
 
 
-def resolve_kind(section: str, value: Any, default: str) -> Any:
+def resolve_kind(section: str, value: Any, default: str, prefix: Optional[str] = None) -> Any:
     """A kind section's mapping validated by the config class of the entry it names (``default``
-    when it names none); a config object passes as it is."""
-    if not isinstance(value, dict):
-        return value  # a config object, or something pydantic will reject with its own message
+    when it names none); a config object is re-validated by that class when it is a base config
+    naming an entry with keys of its own. ``prefix``: the section's place in the config, for
+    messages (``eval.data``; default ``section``)."""
     registry = _registry(section)
+    prefix = prefix or section
     key = registry.base_config.kind_key
+    if isinstance(value, registry.base_config):
+        own = registry.config(getattr(value, key))
+        return value if isinstance(value, own) else validate(own, value.model_dump(exclude_unset=True), prefix)
+    if not isinstance(value, dict):
+        return value  # something pydantic will reject with its own message
     name = value.get(key, default)
     if not isinstance(name, str) or name not in registry:
-        raise ConfigError(f"{section}.{key}={name!r}: {registry.unknown(str(name))}")
-    return validate(registry.config(name), {**value, key: name}, section, owner=f" of {registry.kind} {name!r}")
+        raise ConfigError(f"{prefix}.{key}={name!r}: {registry.unknown(str(name))}")
+    return validate(registry.config(name), {**value, key: name}, prefix, owner=f" of {registry.kind} {name!r}")
 
 
 class Config(Section):
-    data: DataConfig = DataConfig()
+    data: SerializeAsAny[DataConfig] = Field(default_factory=dict, validate_default=True)
     model: ModelConfig = ModelConfig()
     # SerializeAsAny: each is a subclass (the chosen kind's own config), dumped with all its keys
     # A kind section left out is its default kind's config, resolved by the validators below.
@@ -253,6 +272,11 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     resume: bool = False  # continue from the run directory's last good checkpoint
     overwrite: bool = False  # start afresh in a run directory that already holds a run
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data(cls, value: Any) -> Any:
+        return resolve_kind("data", value, "fashion_mnist")
 
     @field_validator("method", mode="before")
     @classmethod

@@ -127,3 +127,17 @@ def test_saved_config_round_trips_every_kind(tmp_path):
         save_config(cfg, tmp_path / "c.yaml")
         again = load_config(tmp_path / "c.yaml")
         assert again == cfg and type(again.method) is type(cfg.method) and type(again.augment) is type(cfg.augment)
+
+
+def test_data_sources_own_their_keys() -> None:
+    cfg = load_config(None, ["data.name=image_folder", "data.labels=none", "data.root=/x", "data.image_size=8",
+                             "eval.data.name=fashion_mnist", "eval.data.test_limit=10"])
+    assert type(cfg.data).__name__ == "ImageFolderConfig" and cfg.data.labels == "none"
+    assert cfg.eval.data.name == "fashion_mnist" and cfg.eval.data.test_limit == 10
+    assert cfg.to_dict()["data"]["labels"] == "none"  # dumped with the source's own keys
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.labels' of dataset 'cifar10'"):
+        load_config(None, ["data.name=cifar10", "data.labels=none"])
+    with pytest.raises(ConfigError, match=r"eval.data.labels='some': expected 'auto', 'folders' or 'none'"):
+        load_config(None, ["eval.data.name=image_folder", "eval.data.labels=some"])
+    with pytest.raises(ConfigError, match=r"eval.data.name='fashion_mnst'.*did you mean 'fashion_mnist'"):
+        load_config(None, ["eval.data.name=fashion_mnst"])

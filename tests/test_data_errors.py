@@ -21,7 +21,7 @@ from PIL import Image
 
 from sslkit.config import ConfigError, DataConfig, load_config
 from sslkit.errors import UserError
-from sslkit.data import ImageFolder, load_dataset, make_batches
+from sslkit.data import ImageFolder, data_config, load_dataset, make_batches
 from sslkit.data.image_folder import BadImageError, BadImageWarning
 from tests.test_data import write_cifar, write_fashion_mnist, write_idx
 
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding and encoding
 
 
 def folder_cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(name="image_folder", root=str(root), image_size=S, **kw)
+    return data_config("image_folder", root=str(root), image_size=S, **kw)
 
 
 def fill(i: int) -> int:
@@ -290,14 +290,16 @@ def test_class_folders_without_images(tmp_path: Path) -> None:
 def test_images_without_class_folders(tmp_path: Path) -> None:
     tio.write_png(noise(), str(tmp_path / "loose.png"))
     with pytest.raises(UserError) as err:
-        load_dataset(folder_cfg(tmp_path), "train")
+        load_dataset(folder_cfg(tmp_path, labels="folders"), "train")
     message = str(err.value)
-    assert f"no class folders in {tmp_path}" in message and "loose.png" in message
-    assert "one subfolder per class" in message
+    assert f"data.labels=folders but {tmp_path} holds 1 loose image(s) and no class folders" in message
+    assert "loose.png" in message and "one subfolder per class" in message and "data.labels=none" in message
+    data = load_dataset(folder_cfg(tmp_path), "train")  # labels=auto: no labels
+    assert len(data) == 1 and data.num_classes == 0 and data.labels.tolist() == [-1]
 
 
 def test_empty_root(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=rf"no images in {tmp_path}: it has no class folders.*data.root"):
+    with pytest.raises(UserError, match=rf"no images in {tmp_path}: no files with extensions .* at any depth.*data.root"):
         load_dataset(folder_cfg(tmp_path), "train")
 
 

@@ -1,10 +1,10 @@
 """In-memory datasets and the dataset registry.
 
-A dataset is a function ``(cfg: DataConfig, split: str) -> ImageData | ImageFolder``
-registered in ``DATASETS``; ``load_dataset`` looks it up and applies the config's limits
-and channel count. Small datasets come back as ``ImageData`` (one uint8 tensor, meant to
-live whole on the device); large ones as a map-style ``torch.utils.data.Dataset`` that
-decodes per item (see ``sslkit.data.image_folder``).
+A data source is a function ``(cfg, split: str) -> ImageData | ImageFolder`` registered in
+``DATASETS`` (see there for how to add one); ``load_dataset`` looks it up and applies the
+config's limits and channel count. Small datasets come back as ``ImageData`` (one uint8
+tensor, meant to live whole on the device); large ones as a map-style
+``torch.utils.data.Dataset`` that decodes per item (see ``sslkit.data.image_folder``).
 
 Files are looked for, in order, in ``data.root``, ``$SSLKIT_DATA/<dataset>``,
 ``$SSLKIT_DATA``, ``/usr/share/datasets/<dataset>`` (Debian's ``dataset-*`` packages) and
@@ -19,14 +19,14 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from sslkit.errors import UserError
 from sslkit.augment.ops import rgb_to_grayscale
-from sslkit.config import DataConfig
+from sslkit.config import DataConfig, resolve_kind
 from sslkit.registry import Registry
 
 if TYPE_CHECKING:
@@ -69,7 +69,32 @@ class ImageData:
 
 
 Dataset = Union[ImageData, "ImageFolder"]
-DATASETS: Registry[Callable[[DataConfig, str], Dataset]] = Registry("dataset")
+DATASETS: Registry[Callable[[DataConfig, str], Dataset]] = Registry("dataset", base_config=DataConfig)
+"""Data sources by ``data.name``. A source is a function ``(cfg, split) -> dataset``, ``split``
+"train" or "test", registered with its config class, a ``DataConfig`` subclass declared beside
+it with the source's own keys (the base's keys: root, download, image_size, channels, limits,
+num_workers, bad_images, decode)::
+
+    class MyConfig(DataConfig):
+        label_column: Optional[str] = None  # the source's own key, with its default
+
+    @DATASETS.register("my_source", config=MyConfig)
+    def my_source(cfg: MyConfig, split: str) -> Dataset:
+        ...
+
+A source without keys of its own registers without ``config`` (``DATASETS.register("cifar10")``).
+The recipe's ``data:`` section (and ``eval.data``) is validated by the named source's class, so a
+key of another source is a one-line error listing this one's keys. The dataset it returns is an
+``ImageData``, or a map-style dataset with ``__len__``, ``head(n)``, ``num_classes`` (0: no
+labels; its labels are then -1) and ``load(index) -> (uint8 image, label, bad)`` as
+``ImageFolder``'s; ``describe(data)`` is what the run's first line says about it.
+"""
+
+
+def data_config(name: str, **keys: Any) -> DataConfig:
+    """The config of data source ``name`` with ``keys``, its own keys included
+    (``data_config("image_folder", root="photos", image_size=64, labels="none")``)."""
+    return DATASETS.config(name)(name=name, **keys)
 
 
 def item_keys(data: Dataset, name: str, split: str) -> Sequence[str]:
@@ -119,6 +144,7 @@ def load_dataset(cfg: DataConfig, split: str) -> Dataset:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    cfg = resolve_kind("data", cfg, cfg.name)  # a base DataConfig naming a source with keys of its own
     limit = cfg.train_limit if split == "train" else cfg.test_limit  # DataConfig has checked the values
     data = DATASETS.get(cfg.name)(cfg, split)
     if len(data) == 0:

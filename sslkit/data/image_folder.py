@@ -24,7 +24,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -187,9 +187,11 @@ class ImageFolder(torch.utils.data.Dataset):
         channels: int = 3,
         bad_images: str = "error",
         decode: str = "workers",
+        info: Optional[dict[str, Any]] = None,
     ) -> None:
         check_bad_images(bad_images)
         check_decode(decode)
+        self.info = info or {}  # what describe() reports: labels mode, files skipped while scanning
         # A numpy string array, not a list of str: forked workers reading Python objects
         # touch their refcounts and copy the pages, growing memory by the list's size each.
         self.paths = paths  # (N,) str
@@ -202,24 +204,53 @@ class ImageFolder(torch.utils.data.Dataset):
 
     @classmethod
     def scan(
-        cls, folder: Path, image_size: int, channels: int = 3, bad_images: str = "error", decode: str = "workers"
+        cls, folder: Path, image_size: int, channels: int = 3, bad_images: str = "error", decode: str = "workers",
+        labels: str = "auto",
     ) -> ImageFolder:
-        """``folder/<class>/**/*.jpg|jpeg|png|webp``; classes are the sorted subfolder names."""
+        """Every image file below ``folder``, at any depth, through symlinked folders; hidden and
+        non-image files are skipped and counted (``info``). ``labels``: "folders" (the sorted
+        first-level subfolders are the classes), "none" (no labels: -1, ``num_classes`` 0) or
+        "auto" (folders when ``folder`` holds subfolders and no loose images, else none)."""
         check_bad_images(bad_images)
         check_decode(decode)
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if labels not in LABELS:
+            raise UserError(f"data.labels must be one of {', '.join(LABELS)}, got {labels!r}")
+        if not folder.is_dir():
+            raise UserError(f"data.root {folder} is not a folder: point it at the folder of images")
+        entries = sorted(folder.iterdir())
+        classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+        loose = [p for p in entries if p.is_file() and not p.name.startswith(".") and _is_image_name(p.name)]
+        mode = ("folders" if classes and not loose else "none") if labels == "auto" else labels
+        skipped: dict[str, int] = {}
         paths: list[str] = []
-        labels: list[int] = []
-        for label, name in enumerate(classes):
-            found = sorted(
-                str(p) for p in (folder / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-            )
-            paths += found
-            labels += [label] * len(found)
+        targets: list[int] = []
+        if mode == "none":
+            paths = _find_images(folder, skipped)
+            targets = [-1] * len(paths)
+            classes = []
+        else:
+            if loose:
+                if bad_images == "error" or not classes:
+                    where = "beside its class folders" if classes else "and no class folders"
+                    raise UserError(
+                        f"data.labels=folders but {folder} holds {len(loose)} loose image(s) {where}, e.g. "
+                        f"{loose[0]}: move them into one subfolder per class, set data.labels=none to train on "
+                        f"every image without labels"
+                        + (f", or set {_SKIP_HINT} to leave them out" if classes else "")
+                    )
+                skipped["loose"] = len(loose)
+            for label, name in enumerate(classes):
+                found = _find_images(folder / name, skipped)
+                paths += found
+                targets += [label] * len(found)
+            skipped["not_image"] = skipped.get("not_image", 0) + sum(
+                1 for p in entries if p.is_file() and not p.name.startswith(".") and not _is_image_name(p.name))
+            skipped["hidden"] = skipped.get("hidden", 0) + sum(1 for p in entries if p.name.startswith("."))
         if not paths:
-            raise UserError(_no_images_message(folder, classes))
-        targets = torch.tensor(labels, dtype=torch.int64)
-        return cls(np.array(paths), targets, classes, image_size, channels, bad_images, decode)
+            raise UserError(_no_images_message(folder, classes, skipped))
+        info = {"labels": mode, "skipped": {k: v for k, v in skipped.items() if v}}
+        return cls(np.array(paths), torch.tensor(targets, dtype=torch.int64), classes, image_size, channels,
+                   bad_images, decode, info)
 
     @property
     def num_classes(self) -> int:
@@ -326,7 +357,7 @@ class ImageFolder(torch.utils.data.Dataset):
         """The first ``n`` samples (in class order, so a small ``n`` covers few classes)."""
         return ImageFolder(
             self.paths[:n], self.labels[:n], self.classes, self.image_size, self.channels, self.bad_images,
-            self.decode,
+            self.decode, self.info,
         )
 
 
@@ -356,54 +387,85 @@ def skip_message(path: str, reason: str) -> str:
     return f"{reason}; skipped ({_SKIP_HINT}): its samples use the next decodable image instead"
 
 
-def _no_images_message(folder: Path, classes: list[str]) -> str:
-    loose = [p.name for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()]
-    layout = f"expected {folder}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)}"
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _find_images(folder: Path, skipped: dict[str, int]) -> list[str]:
+    """Sorted paths of the image files below ``folder`` at any depth, following symlinked
+    folders (each real folder once: a link back up is no loop); hidden entries (".name") and
+    files of other extensions are counted in ``skipped["hidden"]``, ``skipped["not_image"]``."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        hidden = [d for d in dirs if d.startswith(".")] + [f for f in files if f.startswith(".")]
+        skipped["hidden"] = skipped.get("hidden", 0) + len(hidden)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            if _is_image_name(name):
+                found.append(os.path.join(top, name))
+            else:
+                skipped["not_image"] = skipped.get("not_image", 0) + 1
+    return sorted(found)
+
+
+def _no_images_message(folder: Path, classes: list[str], skipped: dict[str, int]) -> str:
+    others = sum(skipped.values())
+    what = f" ({others} hidden or non-image file(s) skipped)" if others else ""
     if classes:
         shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
         return (
             f"no images in {folder}: its {len(classes)} class folder(s) ({shown}) hold no files with "
-            f"extensions {', '.join(IMG_EXTENSIONS)}. Put the images in them, or point data.root at the "
-            "folder that holds train/<class>/... or <class>/..."
-        )
-    if loose:
-        return (
-            f"no class folders in {folder}, only {len(loose)} loose image(s) (e.g. {loose[0]}): {layout}. "
-            f"Move the images into one subfolder per class, e.g. {folder}/<class>/{loose[0]}"
+            f"extensions {', '.join(IMG_EXTENSIONS)}{what}. Put the images in them, or point data.root at the "
+            "folder that holds the images"
         )
     return (
-        f"no images in {folder}: it has no class folders; {layout}. "
-        "Point data.root at the folder that holds train/<class>/... or <class>/..."
+        f"no images in {folder}: no files with extensions {', '.join(IMG_EXTENSIONS)} at any depth{what}. "
+        "Point data.root at the folder that holds the images"
     )
 
 
-@DATASETS.register("image_folder")
-def image_folder(cfg: DataConfig, split: str) -> ImageFolder:
-    """``data.root/<split>/<class>/...`` (test also accepts ``val/``, as in ImageNet).
+LABELS = ("auto", "folders", "none")  # the values of data.labels for image folders
 
-    When ``data.root`` has none of ``train/``, ``test/``, ``val/``, it is taken as the class
-    folder itself and both splits are the same images (k-NN then scores on training images).
-    ``data.image_size`` is required: files differ in size, batches do not.
-    ``data.bad_images`` says what an undecodable file does (error | skip); ``data.decode``
-    where JPEG files are decoded (workers | device).
+
+class ImageFolderConfig(DataConfig):
+    """``image_folder``'s own key: where labels come from."""
+
+    # folders: first-level subfolders are classes | none: no labels | auto: folders when the root
+    # holds only class subfolders, else none
+    labels: Literal["auto", "folders", "none"] = "auto"
+
+
+@DATASETS.register("image_folder", config=ImageFolderConfig)
+def image_folder(cfg: ImageFolderConfig, split: str) -> ImageFolder:
+    """Image files below ``data.root`` (any depth; ``data.labels`` says whether subfolders are
+    classes). When ``data.root`` holds ``train/`` and ``test/`` (or ``val/``, as ImageNet)
+    folders, each split is its own; otherwise both splits are the same images (k-NN then
+    scores on training images). ``data.image_size`` is required: files differ in size, batches
+    do not. ``data.bad_images`` says what an undecodable file does (error | skip);
+    ``data.decode`` where JPEG files are decoded (workers | device).
     """
     if cfg.root is None:
-        raise UserError("dataset 'image_folder' needs data.root=<folder with train/<class>/... or <class>/...>")
+        raise UserError("dataset 'image_folder' needs data.root=<folder of images, or of <class>/ folders>")
     if cfg.image_size is None:
         raise UserError("dataset 'image_folder' needs data.image_size=<side in pixels> (e.g. 224)")
-    check_bad_images(cfg.bad_images)
-    check_decode(cfg.decode)
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"data.root {root} is not a folder")
     split_dirs = [root / name for names in _SPLIT_FOLDERS.values() for name in names if (root / name).is_dir()]
-    if not split_dirs:
-        return ImageFolder.scan(root, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode)
-    for name in _SPLIT_FOLDERS[split]:
-        if (root / name).is_dir():
-            return ImageFolder.scan(root / name, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode)
-    raise UserError(
-        f"{root} has split folders ({', '.join(d.name for d in split_dirs)}) but none for the "
-        f"{split} split: expected {' or '.join(str(root / n) for n in _SPLIT_FOLDERS[split])}"
-    )
-
+    folder = root
+    if split_dirs:
+        folder = next((root / n for n in _SPLIT_FOLDERS[split] if (root / n).is_dir()), None)
+        if folder is None:
+            raise UserError(
+                f"{root} has split folders ({', '.join(d.name for d in split_dirs)}) but none for the "
+                f"{split} split: expected {' or '.join(str(root / n) for n in _SPLIT_FOLDERS[split])}"
+            )
+    return ImageFolder.scan(folder, cfg.image_size, cfg.channels, cfg.bad_images, cfg.decode, cfg.labels)
