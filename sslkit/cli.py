@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sslkit.config import Config, apply_override, config_from_dict, load_config
+from sslkit.config import Config, DataConfig, apply_override, config_from_dict, load_config
 from sslkit.data import item_keys, load_dataset
 from sslkit.embed import SUMMARY, check_embed_options, embed
 from sslkit.engine import train
@@ -84,9 +84,12 @@ def _evaluation(
     ``section.key`` values) and the ``key=value`` overrides are validated as ``train``'s are."""
     cfg, model = load_feature_model(args.checkpoint)
     tree = cfg.to_dict()
-    settings = {"data.name": args.data, "data.root": args.data_root,
-                # the training run's limits do not apply
-                "data.train_limit": None, "data.test_limit": None, **(options or {})}
+    # --data is a data section of its own: the training data's shared keys (channels, image_size,
+    # workers, ...), not its source's own keys nor its limits; it replaces eval.data too.
+    shared = {key: tree["data"][key] for key in DataConfig.model_fields if key in tree["data"]}
+    tree["data"] = {**shared, "name": args.data, "root": args.data_root, "train_limit": None, "test_limit": None}
+    tree["eval"]["data"] = None
+    settings = dict(options or {})
     for key, value in settings.items():
         section, name = key.split(".")
         tree[section][name] = value

@@ -22,7 +22,7 @@ from sslkit.errors import UserError
 from sslkit.data import load_dataset
 from sslkit.engine.checkpoint import load_feature_model
 from sslkit.engine.run_dir import read_metrics
-from sslkit.eval.clean import clean_batches, clean_transform
+from sslkit.eval.clean import clean_batches, clean_transform, eval_data
 from sslkit.eval.features import extract_features
 
 Series = tuple[list[int], list[float]]  # (steps, values), sorted by step
@@ -111,7 +111,7 @@ def plot_embedding(run_dir: Path, out: Path | None = None, limit: int = 2000) ->
             "(an unfinished run has only checkpoints/)"
         )
     cfg, model = load_feature_model(path)
-    data = load_dataset(cfg.data, "test").head(limit)
+    data = load_dataset(eval_data(cfg), "test").head(limit)
     features, labels = extract_features(model, clean_batches(cfg, None, data), clean_transform(cfg))
     features, labels = F.normalize(features, dim=1).cpu(), labels.cpu()  # (N, D): the cosine geometry k-NN sees
     xy = project_2d(features)  # (N, 2)
@@ -129,7 +129,7 @@ def plot_embedding(run_dir: Path, out: Path | None = None, limit: int = 2000) ->
             ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.7, color=cmap(c), label=name, linewidths=0)
     ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
     ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)")
-    ax.set_title(f"{run_dir.name}: {cfg.model.backbone} features, {len(labels)} {cfg.data.name} test images")
+    ax.set_title(f"{run_dir.name}: {cfg.model.backbone} features, {len(labels)} {eval_data(cfg).name} test images")
     ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2.5,
               fontsize="small", ncols=math.ceil(len(names) / 25))
     return _save(fig, out or run_dir / "plots" / "embedding.png")

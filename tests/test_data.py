@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 import torchvision.io as tio
 
 from sslkit.errors import UserError
@@ -226,8 +227,9 @@ def test_image_folder(tmp_path: Path) -> None:
     items = [data[i] for i in range(len(data))]
     assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x, _ in items)
     assert [y for _, y in items] == [0, 0, 0, 1, 1] == data.labels.tolist()
-    # cat/0.png is 16 x 32: already 16 on its shorter side, so only the centre crop acts.
-    assert torch.equal(items[0][0], pngs["cat0"][:, :, 8:24])
+    # cat/0.png is 16 x 32: resized whole to the square; its own size comes with it for the crops.
+    assert torch.equal(items[0][0], TF.resize(pngs["cat0"], [16, 16], antialias=True))
+    assert data.load(0)[3] == (16, 32) and data.load(3)[3] == (40, 24)
     assert (items[2][0].float() - 200).abs().max() < 8  # the JPEG, lossy
     test = load_dataset(cfg, "test")
     assert test.classes == ["extra"] and len(test) == 5

@@ -27,6 +27,15 @@ pytestmark = [pytest.mark.filterwarnings("ignore:The image decoding and encoding
               pytest.mark.usefixtures("no_default_places")]
 
 
+@pytest.fixture(autouse=True)
+def full_size_jpeg_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device decodes JPEGs at full size, the workers large ones DCT-scaled (tested in
+    test_data_sources.py): here the workers decode at full size too, to compare pixels."""
+    from sslkit.data import image_folder
+
+    monkeypatch.setattr(image_folder, "_reducible", lambda raw, side: False)
+
+
 def folder_cfg(root: Path, **kw: Any) -> DataConfig:
     return DataConfig(name="image_folder", root=str(root), image_size=S, **kw)
 

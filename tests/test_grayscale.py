@@ -127,7 +127,8 @@ def test_device_decode_gives_the_workers_gray(tmp_path: Path, mode: str):
              for i in range(2)]
     folder = ImageFolder.scan(tmp_path, image_size=16, channels=1, decode="device")
     jpegs = [folder.read(i)[0] for i in range(len(paths))]
-    images, fallbacks = folder.decode_jpegs(jpegs, [0, 1], "cpu")
+    images, sizes, fallbacks = folder.decode_jpegs(jpegs, [0, 1], "cpu")
+    assert sizes == [(32, 24)] * 2  # (height, width)
     assert fallbacks == []
     for i, image in enumerate(images):
         assert image.shape == (1, 16, 16)

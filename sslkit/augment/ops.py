@@ -42,13 +42,14 @@ def _choose(where_false: Tensor, where_true: Tensor, condition: Tensor) -> Tenso
 
 def sample_crop_boxes(
     batch: int,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     attempts: int = 10,
+    rows: slice = slice(None),
 ) -> Tensor:
     """Random resized crop boxes with torchvision's ``RandomResizedCrop.get_params`` semantics.
 
@@ -57,38 +58,64 @@ def sample_crop_boxes(
     ``attempts`` candidates at once and keeps the first that fits; a sample with none falls back
     to torchvision's centre crop.
 
-    Returns (B, 4) float boxes ``x0, y0, w, h`` in pixels (whole numbers).
+    The random numbers are drawn for ``batch`` samples and the boxes made for ``rows`` of them
+    (a process's slice of a global batch). ``height``, ``width``: the image size, one for all, or
+    (R,) tensors with each kept row's own image size (R = the number of rows kept), so that
+    every image is cropped over its whole extent with its own aspect.
+
+    Returns (R, 4) float boxes ``x0, y0, w, h`` in pixels of each image (whole numbers).
     """
-    area = height * width
-    u = torch.rand(batch, attempts, 2, generator=generator, device=device)  # (B, A, 2)
+    u = torch.rand(batch, attempts, 2, generator=generator, device=device)[rows]  # (R, A, 2)
+    pos = torch.rand(batch, 2, generator=generator, device=device)[rows]  # (R, 2)
+    height = torch.as_tensor(height, device=u.device, dtype=u.dtype).expand(u.shape[0])  # (R,)
+    width = torch.as_tensor(width, device=u.device, dtype=u.dtype).expand(u.shape[0])
+    area = (height * width)[:, None]  # (R, 1)
     target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = torch.sqrt(target * aspect).round()  # (B, A)
+    w = torch.sqrt(target * aspect).round()  # (R, A)
     h = torch.sqrt(target / aspect).round()
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    valid = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = valid.int().argmax(1, keepdim=True)  # argmax returns the first maximum
-    found = valid.any(1)  # (B,)
-    fallback_w, fallback_h = _centre_crop_size(height, width, ratio)
-    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)  # (B,)
+    found = valid.any(1)  # (R,)
+    fallback_w, fallback_h = _centre_crop_size(height, width, ratio)  # (R,) each
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)  # (R,)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
-    pos = torch.rand(batch, 2, generator=generator, device=device)  # (B, 2)
     # floor(u * (n + 1)) is uniform over 0..n; the minimum guards u*(n+1) rounding up to n+1
     x0 = torch.minimum((pos[:, 0] * (width - w + 1)).floor(), width - w)
     y0 = torch.minimum((pos[:, 1] * (height - h + 1)).floor(), height - h)
-    x0 = torch.where(found, x0, (width - fallback_w) // 2)
-    y0 = torch.where(found, y0, (height - fallback_h) // 2)
+    x0 = torch.where(found, x0, torch.div(width - fallback_w, 2, rounding_mode="floor"))
+    y0 = torch.where(found, y0, torch.div(height - fallback_h, 2, rounding_mode="floor"))
     return torch.stack([x0, y0, w, h], 1)
 
 
-def _centre_crop_size(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int]:
-    """torchvision's fallback: the largest centred crop whose aspect ratio lies in ``ratio``."""
+def _centre_crop_size(height: Tensor, width: Tensor, ratio: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """torchvision's fallback: the largest centred crop whose aspect ratio lies in ``ratio``;
+    (R,) sizes in, (R,) crop widths and heights out."""
     in_ratio = width / height
-    if in_ratio < min(ratio):
-        return width, int(round(width / min(ratio)))
-    if in_ratio > max(ratio):
-        return int(round(height * max(ratio))), height
-    return width, height
+    low, high = min(ratio), max(ratio)
+    # torchvision's int(round(x)) rounds half to even, as torch.round does
+    w = torch.where(in_ratio > high, (height * high).round(), width)
+    h = torch.where(in_ratio < low, (width / low).round(), height)
+    return w, h
+
+
+def image_boxes(boxes: Tensor, sizes: Tensor, canvas: tuple[int, int]) -> Tensor:
+    """Boxes ``x0, y0, w, h`` (..., 4) in pixels of images of their own ``sizes`` (..., 2)
+    (height, width) -> the same boxes on a canvas of ``canvas`` (height, width) to which each
+    image was resized whole (so that ``resized_crop_flip`` crops the canvas)."""
+    sy = canvas[0] / sizes[..., 0].to(boxes.dtype)  # (...,)
+    sx = canvas[1] / sizes[..., 1].to(boxes.dtype)
+    return boxes * torch.stack([sx, sy, sx, sy], -1)
+
+
+def centre_square_boxes(sizes: Tensor, canvas: tuple[int, int]) -> Tensor:
+    """(B, 4) canvas boxes of the centred square of side min(h, w) of each image of ``sizes``
+    (B, 2): the evaluation crop (shorter side, centre), as torchvision's Resize + CenterCrop."""
+    sizes = sizes.to(torch.float32)
+    side = sizes.min(1).values  # (B,)
+    boxes = torch.stack([(sizes[:, 1] - side) / 2, (sizes[:, 0] - side) / 2, side, side], 1)  # (B, 4)
+    return image_boxes(boxes, sizes, canvas)
 
 
 def resized_crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int | tuple[int, int]) -> Tensor:

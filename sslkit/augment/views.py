@@ -73,15 +73,17 @@ class ViewPipeline(nn.Module):
         self.blur_kernel = self.cfg.blur_kernel or default_blur_kernel(self.cfg.size)
 
     def forward(
-        self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+        self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1),
+        sizes: Tensor | None = None,
     ) -> Tensor:
         """images: uint8 (B, C, H, W); generator: on the images' device (None: torch's default).
 
         ``shard = (rank, world_size)``: the parameters are drawn for the global batch of
         world_size x B images and this process applies rows rank x B to (rank + 1) x B, so a
         step's views do not depend on how its global batch is split over processes.
+        ``sizes``: see ``raw_views``.
         """
-        return self.several(images, [(self.cfg.blur_prob, self.cfg.solarize_prob)], generator, shard)[0]
+        return self.several(images, [(self.cfg.blur_prob, self.cfg.solarize_prob)], generator, shard, sizes)[0]
 
     def batch_key(self) -> tuple[AugmentConfig, int, bool]:
         """Pipelines with equal keys differ at most in their blur and solarisation probabilities,
@@ -90,15 +92,15 @@ class ViewPipeline(nn.Module):
 
     def several(
         self, images: Tensor, probs: Sequence[tuple[float, float]], generator: torch.Generator | None = None,
-        shard: tuple[int, int] = (0, 1),
+        shard: tuple[int, int] = (0, 1), sizes: Tensor | None = None,
     ) -> list[Tensor]:
         """V views of each image in one call, view v blurred with probability ``probs[v][0]`` and
         solarised with ``probs[v][1]``, otherwise as ``forward``: V float32 (B, 3, S, S)."""
-        return self.finish(self.raw_views(images.float(), probs, generator, shard))
+        return self.finish(self.raw_views(images.float(), probs, generator, shard, sizes))
 
     def raw_views(
         self, source: Tensor, probs: Sequence[tuple[float, float]], generator: torch.Generator | None = None,
-        shard: tuple[int, int] = (0, 1),
+        shard: tuple[int, int] = (0, 1), sizes: Tensor | None = None,
     ) -> Tensor:
         """``several``'s views before normalisation: float (B, C, H, W) in [0, 255] -> (B, V, 3, S, S) in [0, 1].
 
@@ -107,6 +109,11 @@ class ViewPipeline(nn.Module):
         rows j * V to j * V + V - 1) of the global batch, so that a process's rows are still
         its slice of the global batch's draws (``shard``); all V crops of an image are sampled
         from the one source image in a single resampling, without V copies of it.
+
+        ``sizes``: (B, 2) int (height, width) of each image before it was resized whole to the
+        source's square (image files, see ``sslkit.data.image_folder``): crops are then drawn over
+        each image's own extent and aspect, as torchvision's RandomResizedCrop on the file's
+        image; None: the source is the image.
         """
         cfg = self.cfg
         views = len(probs)
@@ -116,7 +123,12 @@ class ViewPipeline(nn.Module):
         n, rows = batch * views * world_size, slice(rank * batch * views, (rank + 1) * batch * views)  # draws, ours
         blur_prob, solarize_prob = (_per_view(p, n, views, device) for p in zip(*probs))  # (n,) or float each
 
-        boxes = ops.sample_crop_boxes(n, *source.shape[-2:], cfg.scale, cfg.ratio, generator, device)[rows]
+        if sizes is None:  # every image fills the source
+            boxes = ops.sample_crop_boxes(n, *source.shape[-2:], cfg.scale, cfg.ratio, generator, device, rows=rows)
+        else:  # image-major rows: each image's V crops over its own extent, mapped onto its resized source
+            own = sizes.to(device).repeat_interleave(views, 0)  # (B * V, 2)
+            boxes = ops.sample_crop_boxes(n, own[:, 0], own[:, 1], cfg.scale, cfg.ratio, generator, device, rows=rows)
+            boxes = ops.image_boxes(boxes, own, tuple(source.shape[-2:]))
         flip = _coin(n, cfg.hflip_prob, generator, device)[rows]  # (B * V,)
         # crop a single grey channel before expanding it: 3x less resampling
         crops = ops.resized_crop_flip(source, boxes.view(batch, views, 4), flip.view(batch, views), cfg.size)
@@ -203,26 +215,37 @@ class MultiView(nn.Module):
                 self.runs.append([pipeline])
 
     def forward(
-        self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+        self, images: Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1),
+        sizes: Tensor | None = None,
     ) -> list[Tensor]:
-        """images: uint8 (B, C, H, W) -> one float32 (B, 3, size_v, size_v) per pipeline v (``shard``: see ViewPipeline)."""
+        """images: uint8 (B, C, H, W) -> one float32 (B, 3, size_v, size_v) per pipeline v (``shard``,
+        ``sizes``: see ViewPipeline)."""
         source = images.float()  # (B, C, H, W) in [0, 255]
         views: list[Tensor] = []
         for run in self.runs:
             probs = [(p.cfg.blur_prob, p.cfg.solarize_prob) for p in run]
-            x = run[0].raw_views(source, probs, generator, shard)  # (B, V, 3, S, S) in [0, 1]
+            x = run[0].raw_views(source, probs, generator, shard, sizes)  # (B, V, 3, S, S) in [0, 1]
             if self.extra:
                 x = self.extra(x.flatten(0, 1), generator, shard).unflatten(0, x.shape[:2])
             views += run[0].finish(x)
         return views
 
 
-def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def eval_transform(
+    images: Tensor, size: int, mean: Sequence[float], std: Sequence[float], sizes: Tensor | None = None
+) -> Tensor:
     """The clean path for evaluation features: uint8 (B, C, H, W) -> normalised float32 (B, 3, size, size).
 
-    Resizes (bilinear, antialiased) only when the images are not already ``size`` x ``size``.
+    ``sizes``: (B, 2) (height, width) of each image before it was resized whole to the batch's
+    square (image files): the centred square of each image (shorter side) is cut out first, at
+    the batch's resolution, as Resize + CenterCrop would. Then resizes (bilinear, antialiased)
+    only when the images are not already ``size`` x ``size``.
     """
     x = images.float() / 255  # (B, C, H, W)
+    if sizes is not None:
+        canvas = tuple(x.shape[-2:])
+        boxes = ops.centre_square_boxes(sizes.to(x.device), canvas)  # (B, 4)
+        x = ops.resized_crop_flip(x, boxes, torch.zeros(len(x), dtype=torch.bool, device=x.device), canvas)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return ops.normalize(x.expand(-1, 3, -1, -1), mean, std)

@@ -158,6 +158,33 @@ def load_dataset(cfg: DataConfig, split: str) -> Dataset:
     return data
 
 
+_SKIPPED = {"hidden": "hidden", "not_image": "non-image", "missing": "missing", "loose": "loose"}
+
+
+def describe(data: Dataset, cfg: DataConfig) -> dict[str, Any]:
+    """What a run's start event records about a loaded split: source, labels mode (``folders``,
+    ``column``, ``none``; ``dataset`` for a labelled built-in set), images, classes and the
+    files skipped while listing them (hidden, non-image, missing, loose)."""
+    info = getattr(data, "info", {})
+    return {"source": cfg.name, "labels": info.get("labels", "dataset"), "images": len(data),
+            "classes": data.num_classes, **({"skipped": info["skipped"]} if info.get("skipped") else {})}
+
+
+def describe_line(summary: dict[str, Any], cfg: DataConfig) -> str:
+    """``describe``'s summary as the run's first line, e.g. ``image_folder photos: 300 images, no
+    labels (data.labels=auto -> none); skipped 2 hidden, 1 non-image file(s)``."""
+    where = f" {cfg.root}" if cfg.root else ""
+    chosen = getattr(cfg, "labels", None)
+    resolved = f" -> {summary['labels']}" if chosen == "auto" else ""
+    how = f" (data.labels={chosen}{resolved})" if chosen else ""
+    labels = f"{summary['classes']} classes" if summary["classes"] else "no labels"
+    line = f"{summary['source']}{where}: {summary['images']} images, {labels}{how}"
+    skipped = summary.get("skipped", {})
+    if skipped:
+        line += "; skipped " + ", ".join(f"{n} {_SKIPPED.get(k, k)}" for k, n in skipped.items()) + " file(s)"
+    return line
+
+
 # ---------------------------------------------------------------------------------------
 # Finding files
 

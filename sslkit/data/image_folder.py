@@ -55,8 +55,13 @@ class BadImageWarning(UserWarning):
     """An undecodable image file skipped under ``data.bad_images=skip``."""
 
 
-def decode_image_file(path: str, channels: int) -> torch.Tensor:
+def decode_image_file(path: str, channels: int, min_side: Optional[int] = None) -> torch.Tensor:
     """``path`` as uint8 ``(channels, H, W)``; any read or decoding failure is a ``BadImageError``.
+
+    ``min_side``: the side the image will be resized to. A JPEG at least twice as large on both
+    sides is decoded at reduced size by libjpeg's DCT scaling (1/2, 1/4 or 1/8, through Pillow's
+    ``draft``), to the smallest scale that keeps both sides at least ``min_side``: a 4000 x 3000
+    photo for a 256 px square decodes at 500 x 375, several times faster than in full.
 
     The format comes from the bytes, not the extension. JPEG and WebP go to torchvision
     (libjpeg-turbo / libwebp; a truncated JPEG raises). PNG goes to Pillow: torchvision's
@@ -77,6 +82,8 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
             image = _decode_png(raw)
         elif not (head.startswith(_TORCHVISION_SIGNATURES) or webp):
             raise ValueError(f"not a JPEG, PNG or WebP image (it starts with {head!r})")
+        elif min_side is not None and head.startswith(b"\xff\xd8\xff") and _reducible(raw, min_side):
+            image = _decode_jpeg_reduced(raw, min_side)
         else:
             # RGB, not libjpeg's GRAY (its Y channel, not our luma of the RGB); a gray JPEG's RGB
             # is its gray repeated, which rgb_to_grayscale maps back exactly.
@@ -103,6 +110,25 @@ def decode_image_file(path: str, channels: int) -> torch.Tensor:
             f"(1 or 3, H, W). Remove or replace this file, or set {_SKIP_HINT}"
         )
     return match_channels(image, channels)
+
+
+def _reducible(raw: np.ndarray, side: int) -> bool:
+    """Whether a JPEG is at least ``2 * side`` on both sides, in a mode that DCT scaling keeps
+    as torchvision decodes it (YCbCr or gray; not CMYK): reads the header only. A header Pillow
+    cannot read is left to torchvision, whose error names the problem."""
+    try:
+        with Image.open(io.BytesIO(raw), formats=["JPEG"]) as im:
+            return min(im.size) >= 2 * side and im.mode in ("RGB", "L")
+    except Exception:  # noqa: BLE001 - any failure: not reducible
+        return False
+
+
+def _decode_jpeg_reduced(raw: np.ndarray, side: int) -> torch.Tensor:
+    """JPEG bytes as uint8 (3, H, W) RGB, decoded at the smallest DCT scale whose sides are at least ``side``."""
+    with Image.open(io.BytesIO(raw), formats=["JPEG"]) as im:
+        im.draft("RGB", (side, side))  # picks the scale; decoding happens below
+        array = np.asarray(im.convert("RGB"))  # (H, W, 3); truncated data raises here
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def _decode_png(raw: np.ndarray) -> torch.Tensor:
@@ -264,22 +290,26 @@ class ImageFolder(torch.utils.data.Dataset):
         return self.paths
 
     def _fit(self, image: torch.Tensor) -> torch.Tensor:
-        """``(..., C, H, W)`` -> ``(..., C, S, S)``: shorter side to S (antialiased), centre crop."""
-        image = TF.resize(image, self.image_size, antialias=True)
-        return TF.center_crop(image, [self.image_size, self.image_size])
+        """``(..., C, H, W)`` -> ``(..., C, S, S)``: the whole image resized (antialiased) to the
+        square, its aspect undone; the crops (``sslkit.augment``) and the evaluation's centre
+        square restore it from the image's own size, which ``load`` returns with it."""
+        if image.shape[-2:] == (self.image_size, self.image_size):
+            return image
+        return TF.resize(image, [self.image_size, self.image_size], antialias=True)
 
-    def _decode(self, index: int) -> torch.Tensor:
-        image = decode_image_file(str(self.paths[index]), self.channels)  # (C, H, W)
-        return self._fit(image).contiguous()  # (C, S, S)
+    def _decode(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = decode_image_file(str(self.paths[index]), self.channels, self.image_size)  # (C, H, W)
+        return self._fit(image).contiguous(), (image.shape[1], image.shape[2])  # (C, S, S), (H, W)
 
-    def load(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]]]:
-        """``(image, label, bad)``: ``bad`` is None, or ``(path, reason)`` when the file at
-        ``index`` did not decode and (``bad_images="skip"``) the image and label are those of
+    def load(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]], tuple[int, int]]:
+        """``(image, label, bad, size)``: the image resized whole to ``(C, S, S)`` and its own
+        ``size`` (height, width) as decoded; ``bad`` is None, or ``(path, reason)`` when the file
+        at ``index`` did not decode and (``bad_images="skip"``) the image and label are those of
         the next decodable file in index order, wrapping around. Warns nothing: the caller
         reports ``bad`` (``Batches`` does, once per file, in the main process)."""
         n = len(self)
         try:
-            return self._decode(index), int(self.labels[index]), None
+            return _item(self._decode(index), int(self.labels[index]), None)
         except BadImageError as err:
             if self.bad_images == "error":
                 raise
@@ -287,7 +317,7 @@ class ImageFolder(torch.utils.data.Dataset):
         for step in range(1, n):
             j = (index + step) % n
             try:
-                return self._decode(j), int(self.labels[j]), bad
+                return _item(self._decode(j), int(self.labels[j]), bad)
             except BadImageError:
                 continue
         folder = os.path.commonpath([str(self.paths[0]), str(self.paths[-1])])
@@ -296,8 +326,8 @@ class ImageFolder(torch.utils.data.Dataset):
             f"e.g. {bad[1]}. Check that data.root points at the image files"
         )
 
-    def read(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]]]:
-        """``load`` for ``decode="device"``, run by the loader workers: ``(bytes, label, None)``,
+    def read(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]], Optional[tuple[int, int]]]:
+        """``load`` for ``decode="device"``, run by the loader workers: ``(bytes, label, None, None)``,
         the file's bytes as a uint8 ``(n,)`` tensor, when it is a JPEG that ``device_jpeg``
         accepts; otherwise ``load(index)`` (pixels ``(C, S, S)``, or its ``BadImageError``)."""
         try:
@@ -306,12 +336,12 @@ class ImageFolder(torch.utils.data.Dataset):
             return self.load(index)  # the error (or the skip) names the file as load says it
         if not device_jpeg(raw):
             return self.load(index)
-        return torch.from_numpy(raw), int(self.labels[index]), None
+        return torch.from_numpy(raw), int(self.labels[index]), None, None
 
     def decode_jpegs(
         self, jpegs: list[torch.Tensor], indices: list[int], device: Union[str, torch.device]
-    ) -> tuple[list[torch.Tensor], list[tuple[int, int, Optional[tuple[str, str]]]]]:
-        """Decode JPEG bytes from ``read`` on ``device``: ``(images, fallbacks)``.
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[tuple[int, int, Optional[tuple[str, str]]]]]:
+        """Decode JPEG bytes from ``read`` on ``device``: ``(images, sizes, fallbacks)``.
 
         ``images``: one uint8 ``(C, S, S)`` on ``device`` per file, as ``load`` gives it up to
         the decoder (nvjpeg on CUDA rounds differently from libjpeg-turbo: a grey level or
@@ -319,6 +349,8 @@ class ImageFolder(torch.utils.data.Dataset):
         ``decode_jpeg`` call; when it fails, each file alone, and a file that fails alone is
         loaded on the CPU by ``load(indices[i])``, which applies ``bad_images`` (raises its
         ``BadImageError``, or uses the next decodable image).
+        ``sizes``: each image's own (height, width), as ``load``'s (JPEGs are decoded at full
+        size here: no DCT scaling).
         ``fallbacks``: ``(i, label, bad)`` for each such file, ``label`` that of the image used.
         """
         device = torch.device(device)
@@ -331,24 +363,25 @@ class ImageFolder(torch.utils.data.Dataset):
         except RuntimeError:  # one bad file fails the whole call: find it
             decoded = [_decode_jpeg_alone(jpeg, device) for jpeg in jpegs]
         images: list[Optional[torch.Tensor]] = [None] * len(jpegs)
-        sizes: dict[tuple[int, ...], list[int]] = {}  # images of one size are resized together
+        sizes: list[tuple[int, int]] = [(0, 0)] * len(jpegs)
+        shapes: dict[tuple[int, ...], list[int]] = {}  # images of one size are resized together
         for i, image in enumerate(decoded):
             if image is not None and image.dim() == 3 and image.shape[0] == 3 and image.numel() > 0:
-                sizes.setdefault(tuple(image.shape), []).append(i)
-        for members in sizes.values():
+                shapes.setdefault(tuple(image.shape), []).append(i)
+        for shape, members in shapes.items():
             group = match_channels(_stack([decoded[i] for i in members]), self.channels)  # type: ignore[misc]
             for i, image in zip(members, self._fit(group).unbind(0)):
-                images[i] = image
+                images[i], sizes[i] = image, (shape[1], shape[2])
         fallbacks = []
         for i, image in enumerate(images):
             if image is None:
-                pixels, label, bad = self.load(indices[i])
+                pixels, label, bad, sizes[i] = self.load(indices[i])
                 images[i] = pixels.to(device)
                 fallbacks.append((i, label, bad))
-        return images, fallbacks  # type: ignore[return-value]
+        return images, sizes, fallbacks  # type: ignore[return-value]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label, bad = self.load(index)
+        image, label, bad, _ = self.load(index)
         if bad is not None:
             warnings.warn(skip_message(*bad), BadImageWarning, stacklevel=2)
         return image, label
@@ -359,6 +392,11 @@ class ImageFolder(torch.utils.data.Dataset):
             self.paths[:n], self.labels[:n], self.classes, self.image_size, self.channels, self.bad_images,
             self.decode, self.info,
         )
+
+
+def _item(decoded: tuple[torch.Tensor, tuple[int, int]], label: int, bad: Optional[tuple[str, str]]) -> tuple:
+    """``load``'s ``(image, label, bad, size)`` from ``_decode``'s ``(image, size)``."""
+    return decoded[0], label, bad, decoded[1]
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Batches of ``(uint8 images (b, C, H, W), int64 labels (b,))`` on the device, for the
-training loop and for feature extraction, split across processes.
+training loop and for feature extraction, split across processes. Each is a ``Batch``: it
+unpacks as that pair and carries ``sizes``, each image file's own (height, width) before it
+was resized whole to the batch's square (None for in-memory data), which the crops and the
+evaluation transform use to see each image with its own aspect.
 
 The order depends only on ``(seed, epoch)``: there is no iterator state to checkpoint,
 and resuming at epoch e with ``set_epoch(e)`` replays exactly the same batches.
@@ -28,6 +31,19 @@ from sslkit.data.datasets import Dataset, ImageData
 from sslkit.data.image_folder import BadImageError, BadImageWarning, skip_message
 
 Device = Union[str, torch.device]
+
+
+class Batch(tuple):
+    """``(images, labels)``: unpacks as that pair; ``sizes`` is (b, 2) int64 on the device, each
+    image's own (height, width) before it was resized whole to ``images``' square (image
+    files), or None when each image is its square as it is (in-memory data)."""
+
+    sizes: Optional[torch.Tensor]
+
+    def __new__(cls, images: torch.Tensor, labels: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> Batch:
+        batch = super().__new__(cls, (images, labels))
+        batch.sizes = sizes
+        return batch
 
 
 class Batches:
@@ -143,7 +159,7 @@ class Batches:
                     for i in range(self.start, len(self))]
         return list(self._shard().split(self.batch_size))[self.start : len(self)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         if self._loader is not None:
             for batch in self._loader:
                 if isinstance(batch, BadImageError):  # from a worker too: its own message, no worker traceback
@@ -153,12 +169,12 @@ class Batches:
                     finally:  # no cycle error -> traceback -> this frame -> error: see _BatchSampler
                         error = None
                 if isinstance(batch, _Encoded):
-                    images, labels, bad = self._decode(batch)
+                    images, labels, bad, sizes = self._decode(batch)
                 else:
-                    images, labels, bad = batch
+                    images, labels, bad, sizes = batch
                     images = images.to(self.device, non_blocking=True)
                 self._count(bad)
-                yield images, labels.to(self.device, non_blocking=True)
+                yield Batch(images, labels.to(self.device, non_blocking=True), sizes.to(self.device, non_blocking=True))
             return
         batches = self.indices()
         if not batches:
@@ -166,12 +182,13 @@ class Batches:
         # One host-to-device copy of the epoch's indices, then pure device indexing.
         flat = torch.cat(batches).to(self.device)
         for idx in flat.split([len(b) for b in batches]):
-            yield self._images.index_select(0, idx), self._labels.index_select(0, idx)
+            yield Batch(self._images.index_select(0, idx), self._labels.index_select(0, idx))
 
-    def _decode(self, batch: _Encoded) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-        """A ``decode="device"`` batch as ``(images (b, C, S, S) on the device, labels, skipped files)``."""
+    def _decode(self, batch: _Encoded) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], torch.Tensor]:
+        """A ``decode="device"`` batch as ``(images (b, C, S, S) on the device, labels, skipped files,
+        sizes (b, 2))``."""
         b = len(batch.indices)
-        labels, bad = batch.labels, list(batch.bad)
+        labels, bad, sizes = batch.labels, list(batch.bad), batch.shapes
         slots: list[Optional[torch.Tensor]] = [None] * b
         if batch.pixels is not None:  # what the workers decoded: not JPEG, or not one for the device
             where = set(batch.where)
@@ -180,17 +197,19 @@ class Batches:
                 slots[i] = image
         if batch.where:
             jpegs = list(batch.jpegs.split(list(batch.sizes)))
-            images, fallbacks = self._data.decode_jpegs(jpegs, [batch.indices[i] for i in batch.where], self.device)
-            for i, image in zip(batch.where, images):
+            images, own, fallbacks = self._data.decode_jpegs(
+                jpegs, [batch.indices[i] for i in batch.where], self.device)
+            for i, image, size in zip(batch.where, images, own):
                 slots[i] = image
+                sizes[i] = torch.tensor(size)
             for k, label, skipped in fallbacks:  # decoded on the CPU, or replaced (bad_images=skip)
                 labels[batch.where[k]] = label
                 if skipped is not None:
                     bad.append(skipped)
         if b == 0:
             return torch.empty((0, self._data.channels, self._data.image_size, self._data.image_size),
-                               dtype=torch.uint8, device=self.device), labels, bad
-        return torch.stack(slots), labels, bad  # type: ignore[arg-type]
+                               dtype=torch.uint8, device=self.device), labels, bad, sizes
+        return torch.stack(slots), labels, bad, sizes  # type: ignore[arg-type]
 
     def _count(self, bad: list[tuple[str, str]]) -> None:
         self.bad_images += len(bad)
@@ -201,8 +220,8 @@ class Batches:
 
 
 class _Items(torch.utils.data.Dataset):
-    """``data``'s items as ``(image, label, bad)``, ``bad`` a skipped file's ``(path, reason)``
-    or None; an undecodable file under ``bad_images="error"`` comes back as its
+    """``data``'s items as ``(image, label, bad, size)``, ``bad`` a skipped file's ``(path, reason)``
+    or None, ``size`` the image's own (height, width) (None: bytes to decode); an undecodable file under ``bad_images="error"`` comes back as its
     ``BadImageError`` (returned, not raised, so that a worker passes on the message alone).
     ``encoded``: items from ``data.read`` (JPEG bytes or pixels) with their index appended."""
 
@@ -213,29 +232,30 @@ class _Items(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> Union[tuple[torch.Tensor, int, Optional[tuple[str, str]]], BadImageError]:
+    def __getitem__(self, index: int) -> Union[tuple[Any, ...], BadImageError]:
         try:
             if self.encoded:
                 return (*self.data.read(index), index)
             if hasattr(self.data, "load"):
                 return self.data.load(index)
             image, label = self.data[index]
-            return image, label, None
+            return image, label, None, tuple(image.shape[-2:])
         except BadImageError as err:
             return err
 
 
 def _collate(
     items: list[Any],
-) -> Union[tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]], BadImageError]:
-    """Stacked images, int64 labels and the skipped files; or the batch's first error."""
+) -> Union[tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], torch.Tensor], BadImageError]:
+    """Stacked images, int64 labels, the skipped files and the (b, 2) sizes; or the batch's first error."""
     for item in items:
         if isinstance(item, BadImageError):
             return item
     collate = torch.utils.data.default_collate  # stacks into shared memory in a worker
     images = collate([item[0] for item in items])
     labels = collate([item[1] for item in items])
-    return images, labels, [item[2] for item in items if item[2] is not None]
+    sizes = torch.tensor([item[3] for item in items], dtype=torch.int64).view(-1, 2)
+    return images, labels, [item[2] for item in items if item[2] is not None], sizes
 
 
 class _Encoded(NamedTuple):
@@ -247,6 +267,7 @@ class _Encoded(NamedTuple):
     where: tuple[int, ...]  # batch position of each JPEG file
     pixels: Optional[torch.Tensor]  # (b - len(where), C, S, S) uint8: the other positions, decoded
     labels: torch.Tensor  # (b,) int64
+    shapes: torch.Tensor  # (b, 2) int64: each image's own (height, width); 0 where the device decodes it
     bad: list[tuple[str, str]]  # files skipped by the workers
     indices: tuple[int, ...]  # (b,) dataset indices, for ImageFolder.load of a file the device refuses
 
@@ -256,7 +277,7 @@ def _collate_encoded(items: list[Any]) -> Union[_Encoded, BadImageError]:
     for item in items:
         if isinstance(item, BadImageError):
             return item
-    where = tuple(i for i, item in enumerate(items) if item[0].dim() == 1)
+    where = tuple(i for i, item in enumerate(items) if item[0].dim() == 1)  # items: (image, label, bad, size, index)
     others = [item[0] for item in items if item[0].dim() != 1]
     jpegs = [items[i][0] for i in where]
     return _Encoded(
@@ -265,8 +286,9 @@ def _collate_encoded(items: list[Any]) -> Union[_Encoded, BadImageError]:
         where=where,
         pixels=torch.utils.data.default_collate(others) if others else None,
         labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
+        shapes=torch.tensor([item[3] or (0, 0) for item in items], dtype=torch.int64).view(-1, 2),
         bad=[item[2] for item in items if item[2] is not None],
-        indices=tuple(item[3] for item in items),
+        indices=tuple(item[4] for item in items),
     )
 
 

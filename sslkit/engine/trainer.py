@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sslkit.augment import MultiView, create_augment
 from sslkit.config import Config, TrainConfig
-from sslkit.data import Batches, ImageData, load_dataset, make_batches
+from sslkit.data import Batches, ImageData, describe, describe_line, load_dataset, make_batches
 from sslkit.engine.checkpoint import export_backbone, find_resumable, save_checkpoint
 from sslkit.engine.compile import compile_networks
 from sslkit.engine.guards import NonFiniteGuard, exit_with_launcher, nonfinite_gradients, sigterm_flag
@@ -40,7 +40,7 @@ from sslkit.engine.optim import (
 from sslkit.engine.run_dir import MetricsLog, check_same_model, open_run_dir, run_path
 from sslkit.errors import UserError
 from sslkit.eval import CollapseMonitor, KNNMonitor
-from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
+from sslkit.eval.clean import clean_batches, clean_splits, clean_transform, eval_data, no_labels_reason
 from sslkit.methods import Method, create_method
 from sslkit.models import convert_sync_batchnorm
 from sslkit.schedules import Schedules, at_step
@@ -101,7 +101,8 @@ def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
 
 
 def knn_monitor(cfg: Config, accelerator: Accelerator, bank: Any = None) -> KNNMonitor:
-    """k-NN on clean views: the train split (``bank``, if already loaded) against the test split."""
+    """k-NN on clean views of the evaluation data: its train split (``bank``, if already loaded)
+    against its test split."""
     bank, test = clean_splits(cfg, bank)
     return KNNMonitor(
         clean_batches(cfg, accelerator, bank), clean_batches(cfg, accelerator, test), clean_transform(cfg),
@@ -167,6 +168,7 @@ class Run:
     log: MetricsLog
     guard: NonFiniteGuard
     knn: Optional[KNNMonitor]
+    data_summary: dict[str, Any] = field(default_factory=dict)  # the start event's data_* keys
     bar: Any = None
     last: dict[str, Any] = field(default_factory=dict)  # the last logged metrics, returned by train()
 
@@ -197,6 +199,8 @@ def setup(cfg: Config, held: ExitStack) -> Run:
 
     # Data: uint8 batches on the device; every process draws its slice of the same global batch.
     data = load_dataset(cfg.data, "train")
+    summary = describe(data, cfg.data)
+    accelerator.print(f"data: {describe_line(summary, cfg.data)}")
     if isinstance(data, ImageData):
         data = data.to(device)  # one device copy serves training and the k-NN bank
     batches = make_batches(
@@ -208,8 +212,23 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    # What needs labels: the online probe those of the training data, k-NN those of eval.data.
+    probe = cfg.eval.online_probe and data.num_classes > 0
+    if cfg.eval.online_probe and not probe:
+        accelerator.print(f"online probe off: the training data ({cfg.data.name}) has no labels; the collapse "
+                          "monitors still log")
+    knn_data = data if cfg.eval.data is None else None
+    if cfg.eval.knn and cfg.eval.data is not None:
+        knn_data = load_dataset(cfg.eval.data, "train")
+        accelerator.print(f"eval.data: {describe_line(describe(knn_data, cfg.eval.data), cfg.eval.data)}")
+    knn_on = cfg.eval.knn and knn_data.num_classes > 0
+    if cfg.eval.knn and not knn_on:
+        accelerator.print(f"k-NN monitor off: {no_labels_reason(cfg)}; the collapse monitors still log")
+    summary = {f"data_{k}": v for k, v in summary.items()}
+    summary.update(knn=knn_on, online_probe=probe, **({"eval_data": eval_data(cfg).name} if knn_on else {}))
+
     # Method, views, optimiser. The augmentation RNG is seeded alike in every process.
-    method = create_method(cfg, data.num_classes if cfg.eval.online_probe else None)
+    method = create_method(cfg, data.num_classes if probe else None)
     if cfg.model.sync_batchnorm:  # the same weights and keys; statistics over the global batch
         method = convert_sync_batchnorm(method)
     method = method.to(device)
@@ -247,7 +266,7 @@ def setup(cfg: Config, held: ExitStack) -> Run:
         augment=augment, batches=batches, state=state, schedules=schedules, steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, compiled=compiled, log=log,
         guard=NonFiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision, run_dir / "checkpoints"),
-        knn=knn_monitor(cfg, accelerator, data) if cfg.eval.knn else None,
+        knn=knn_monitor(cfg, accelerator, knn_data) if knn_on else None, data_summary=summary,
     )
 
 
@@ -272,8 +291,10 @@ def train_step(run: Run, micro_batches: Iterator, values: dict[str, float], wind
     window.loss = torch.zeros((), device=run.accelerator.device)
     window.terms = {}
     for micro in range(accum):
-        images, labels = next(micro_batches)  # (b, C, H, W) uint8, (b,)
-        views = [v.contiguous(memory_format=channels_last) for v in run.augment(images, run.state.generator, shard)]
+        batch = next(micro_batches)
+        images, labels = batch  # (b, C, H, W) uint8, (b,); batch.sizes: image files' own (h, w), or None
+        views = [v.contiguous(memory_format=channels_last)
+                 for v in run.augment(images, run.state.generator, shard, batch.sizes)]
         # Gradients are averaged across processes only on the last micro-batch.
         with nullcontext() if micro == accum - 1 else run.accelerator.no_sync(model):
             out = model(views, labels)
@@ -382,7 +403,7 @@ def loop(run: Run) -> dict[str, Any]:
         evaluate(run, "untrained network")
     run.log.write(step=state.step, epoch=state.step // spe, event="resume" if cfg.resume else "start",
                   world_size=acc.num_processes, total_steps=run.total_steps, batch_size=cfg.train.batch_size,
-                  compiled=run.compiled)
+                  compiled=run.compiled, **run.data_summary)
     run.bar = tqdm(total=run.total_steps * cfg.train.batch_size, initial=state.step * cfg.train.batch_size,
                    unit="img", unit_scale=True, dynamic_ncols=True,
                    disable=not (cfg.train.progress and acc.is_main_process))

@@ -1,8 +1,9 @@
 """Clean (unaugmented) evaluation data: the splits, their batches over processes, the transform.
 
-Every protocol (k-NN, linear probe, few-shot, plots) embeds the same way: the train split is
-the bank or probe training set, the test split the queries, each image resized to the
-recipe's view size and normalised, every sample seen once across processes.
+Every protocol (k-NN, linear probe, few-shot, plots) embeds the same way: the train split of
+the evaluation data (``eval.data``, by default the training data) is the bank or probe
+training set, its test split the queries, each image resized to the recipe's view size and
+normalised, every sample seen once across processes.
 """
 
 from __future__ import annotations
@@ -13,18 +14,37 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from sslkit.augment import eval_transform
-from sslkit.config import Config
+from sslkit.config import Config, DataConfig
 from sslkit.data import Batches, load_dataset, make_batches
+from sslkit.errors import UserError
 from sslkit.eval.features import extract_features
 
 
+def eval_data(cfg: Config) -> DataConfig:
+    """The data section of the labelled set: ``eval.data``, or the training data when it is unset."""
+    return cfg.data if cfg.eval.data is None else cfg.eval.data
+
+
+def no_labels_reason(cfg: Config) -> str:
+    """Why the evaluation data has no labels, and what to do: for the line that turns k-NN off."""
+    data = eval_data(cfg)
+    where = "eval.data" if cfg.eval.data is not None else "the training data"
+    fix = ("point eval.data at a labelled set (e.g. eval.data.name=fashion_mnist, or an image_folder of "
+           "class folders)")
+    return f"{where} ({data.name}{' ' + data.root if data.root else ''}) has no labels: {fix}"
+
+
 def clean_splits(cfg: Config, bank: Any = None) -> tuple[Any, Any]:
-    """(train split, test split), limited by ``eval.bank_limit``/``test_limit``.
+    """(train split, test split) of ``eval_data(cfg)``, limited by ``eval.bank_limit``/``test_limit``;
+    a set without labels is an error saying what to do.
 
     ``bank``: the train split, when the caller has it loaded already.
     """
-    bank = load_dataset(cfg.data, "train") if bank is None else bank
-    test = load_dataset(cfg.data, "test")
+    data = eval_data(cfg)
+    bank = load_dataset(data, "train") if bank is None else bank
+    if bank.num_classes == 0:
+        raise UserError(f"evaluation needs labels, and {no_labels_reason(cfg)}")
+    test = load_dataset(data, "test")
     bank = bank if cfg.eval.bank_limit is None else bank.head(cfg.eval.bank_limit)
     test = test if cfg.eval.test_limit is None else test.head(cfg.eval.test_limit)
     return bank, test
@@ -32,19 +52,20 @@ def clean_splits(cfg: Config, bank: Any = None) -> tuple[Any, Any]:
 
 def clean_batches(cfg: Config, accelerator: Optional[Accelerator], data: Any) -> Batches:
     """In order, every sample once over all processes (``accelerator`` None: one CPU process)."""
+    workers = eval_data(cfg).num_workers
     if accelerator is None:
-        return make_batches(data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
-                            num_workers=cfg.data.num_workers)
+        return make_batches(data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0, num_workers=workers)
     return make_batches(
         data, cfg.eval.batch_size, shuffle=False, drop_last=False, seed=0,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
-        device=accelerator.device, num_workers=cfg.data.num_workers,
+        device=accelerator.device, num_workers=workers,
     )
 
 
-def clean_transform(cfg: Config) -> Callable[[Tensor], Tensor]:
+def clean_transform(cfg: Config) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
+    """(uint8 images, their own sizes or None) -> the normalised views of ``eval_transform``."""
     a = cfg.augment
-    return lambda images: eval_transform(images, a.size, a.mean, a.std)
+    return lambda images, sizes=None: eval_transform(images, a.size, a.mean, a.std, sizes)
 
 
 def clean_features(

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def iter_features(
     backbone: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
-    transform: Callable[[Tensor], Tensor],
+    transform: Callable[..., Tensor],
     accelerator: "accelerate.Accelerator | None" = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Embed ``batches`` one at a time with ``backbone`` in eval mode (restored afterwards).
@@ -32,8 +32,10 @@ def iter_features(
     was_training = backbone.training
     backbone.eval()
     try:
-        for images, targets in batches:
-            x = transform(images)
+        for batch in batches:
+            images, targets = batch
+            sizes = getattr(batch, "sizes", None)  # (b, 2): each image's own size (sslkit.data.Batch)
+            x = transform(images) if sizes is None else transform(images, sizes)
             with torch.no_grad(), autocast():
                 f = backbone(x)
             yield f.flatten(1).float(), targets.long()  # (b, D), (b,)
@@ -44,7 +46,7 @@ def iter_features(
 def extract_features(
     backbone: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
-    transform: Callable[[Tensor], Tensor],
+    transform: Callable[..., Tensor],
     accelerator: "accelerate.Accelerator | None" = None,
     gather: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -55,7 +57,8 @@ def extract_features(
             dimensions, e.g. (b, D, 1, 1), are flattened).
         batches: yields ``(images uint8 (b, C, H, W), labels int64 (b,))`` on the device;
             under several processes each rank yields its own disjoint shard.
-        transform: uint8 images -> normalised float images, without augmentation.
+        transform: uint8 images -> normalised float images, without augmentation; called with
+            the images' own sizes (b, 2) too when a batch carries them (``sslkit.data.Batch``).
         accelerator: gives autocast and the processes to gather from; None: one process,
             full precision.
         gather: True: every rank gets the features of every shard; False: its own only.
