@@ -84,11 +84,17 @@ def _evaluation(
     ``section.key`` values) and the ``key=value`` overrides are validated as ``train``'s are."""
     cfg, model = load_feature_model(args.checkpoint)
     tree = cfg.to_dict()
-    # --data is a data section of its own: the training data's shared keys (channels, image_size,
-    # workers, ...), not its source's own keys nor its limits; it replaces eval.data too.
-    shared = {key: tree["data"][key] for key in DataConfig.model_fields if key in tree["data"]}
-    tree["data"] = {**shared, "name": args.data, "root": args.data_root, "train_limit": None, "test_limit": None}
-    tree["eval"]["data"] = None
+    if args.data is None:  # the run's labelled set: its eval.data, else its training data
+        tree["data"] = {**(tree["eval"]["data"] or tree["data"]), "train_limit": None, "test_limit": None}
+        if args.data_root is not None:
+            tree["data"]["root"] = args.data_root
+    else:
+        # --data is a data section of its own: the training data's shared keys (channels, image_size,
+        # workers, ...), not its source's own keys
+        shared = {key: tree["data"][key] for key in DataConfig.model_fields if key in tree["data"]}
+        tree["data"] = {**shared, "name": args.data, "root": args.data_root, "train_limit": None, "test_limit": None}
+    tree["eval"]["data"] = None  # the training run's limits do not apply; --bank-limit, --test-limit do (options)
+    args.data = tree["data"]["name"]
     settings = dict(options or {})
     for key, value in settings.items():
         section, name = key.split(".")
@@ -199,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     def protocol(name: str, help: str, func) -> argparse.ArgumentParser:
         p = ev.add_parser(name, help=help)
         p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
-        p.add_argument("--data", required=True, help="dataset name, e.g. fashion_mnist")
+        p.add_argument("--data", default=None,
+                       help="dataset name, e.g. fashion_mnist (default: the run's eval.data, else its training data)")
         p.add_argument("--data-root", default=None, help="where the dataset lives (default: its usual places)")
         p.add_argument("--bank-limit", type=int, default=None, help="use only the first N training images")
         p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")

@@ -299,7 +299,7 @@ def test_images_without_class_folders(tmp_path: Path) -> None:
 
 
 def test_empty_root(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=rf"no images in {tmp_path}: no files with extensions .* at any depth.*data.root"):
+    with pytest.raises(UserError, match=rf"no images in {tmp_path}: no files with extensions .* at any depth.*root"):
         load_dataset(folder_cfg(tmp_path), "train")
 
 

@@ -194,7 +194,7 @@ def test_views_crop_the_image_not_its_square() -> None:
     """An image resized whole to the square, with its own size: a crop box drawn in the image
     (x0, y0, w, h) samples the same place as torchvision's resized_crop of the original."""
     height, width = 30, 60
-    ramp = torch.arange(width, dtype=torch.float32).repeat(height, 1)[None, None] * 4  # (1, 1, H, W): value = 4 x column
+    ramp = torch.arange(width, dtype=torch.float32).repeat(height, 1)[None, None] * 4  # (1, 1, H, W): 4 x column
     canvas = TF.resize(ramp, [S, S], antialias=False)  # what the loader sends (bilinear, to a square)
     box = torch.tensor([[30.0, 0.0, 30.0, 30.0]])  # the right half of the image, a square crop
     sizes = torch.tensor([[height, width]])
@@ -255,6 +255,13 @@ def test_unlabeled_folder_trains_and_logs_knn_on_fashion_mnist(unlabeled_jpegs: 
     knn = [m["knn_top1"] for m in metrics if "knn_top1" in m]
     assert len(knn) == 2 and all(0 <= k <= 1 for k in knn)  # untrained and after the epoch
     assert any("eff_rank" in m for m in metrics)
+
+    # sslkit eval without --data scores on the run's eval.data
+    from sslkit.cli import main
+
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "run" / "backbone.safetensors"),
+                 "--bank-limit", "200", "--test-limit", "100", "--k", "5", "data.num_workers=0"]) == 0
+    assert "knn on fashion_mnist: top-1" in capsys.readouterr().out
 
 
 def test_without_labels_knn_is_off_with_a_line_and_collapse_still_logs(

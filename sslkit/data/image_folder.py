@@ -1,4 +1,4 @@
-"""ImageNet-style folders of image files, decoded per item by loader workers.
+"""Folders of image files (any tree, with or without class folders), decoded per item by loader workers.
 
 Undecodable files (truncated, corrupt, empty, not an image) follow ``data.bad_images``:
 ``error`` raises a ``BadImageError`` naming the file; ``skip`` replaces the sample by the

@@ -221,8 +221,9 @@ class Batches:
 
 class _Items(torch.utils.data.Dataset):
     """``data``'s items as ``(image, label, bad, size)``, ``bad`` a skipped file's ``(path, reason)``
-    or None, ``size`` the image's own (height, width) (None: bytes to decode); an undecodable file under ``bad_images="error"`` comes back as its
-    ``BadImageError`` (returned, not raised, so that a worker passes on the message alone).
+    or None, ``size`` the image's own (height, width) (None: bytes to decode); an undecodable
+    file under ``bad_images="error"`` comes back as its ``BadImageError`` (returned, not raised,
+    so that a worker passes on the message alone).
     ``encoded``: items from ``data.read`` (JPEG bytes or pixels) with their index appended."""
 
     def __init__(self, data: Any, encoded: bool = False) -> None:
