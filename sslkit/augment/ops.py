@@ -67,33 +67,44 @@ def sample_crop_boxes(
     """
     u = torch.rand(batch, attempts, 2, generator=generator, device=device)[rows]  # (R, A, 2)
     pos = torch.rand(batch, 2, generator=generator, device=device)[rows]  # (R, 2)
-    height = torch.as_tensor(height, device=u.device, dtype=u.dtype).expand(u.shape[0])  # (R,)
-    width = torch.as_tensor(width, device=u.device, dtype=u.dtype).expand(u.shape[0])
-    area = (height * width)[:, None]  # (R, 1)
+    if torch.is_tensor(height):  # (R,) sizes: broadcast over the attempts
+        height, width = height.to(u.dtype), width.to(u.dtype)
+        rows_h, rows_w = height[:, None], width[:, None]  # (R, 1)
+    else:  # Python numbers: no host-to-device copy
+        rows_h, rows_w = height, width
+    area = rows_h * rows_w
     target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
     w = torch.sqrt(target * aspect).round()  # (R, A)
     h = torch.sqrt(target / aspect).round()
-    valid = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    valid = (w > 0) & (w <= rows_w) & (h > 0) & (h <= rows_h)
     first = valid.int().argmax(1, keepdim=True)  # argmax returns the first maximum
     found = valid.any(1)  # (R,)
-    fallback_w, fallback_h = _centre_crop_size(height, width, ratio)  # (R,) each
+    fallback_w, fallback_h = _centre_crop_size(height, width, ratio)  # (R,) each, or numbers
     w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)  # (R,)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
     # floor(u * (n + 1)) is uniform over 0..n; the minimum guards u*(n+1) rounding up to n+1
     x0 = torch.minimum((pos[:, 0] * (width - w + 1)).floor(), width - w)
     y0 = torch.minimum((pos[:, 1] * (height - h + 1)).floor(), height - h)
-    x0 = torch.where(found, x0, torch.div(width - fallback_w, 2, rounding_mode="floor"))
-    y0 = torch.where(found, y0, torch.div(height - fallback_h, 2, rounding_mode="floor"))
+    x0 = torch.where(found, x0, (width - fallback_w) // 2)
+    y0 = torch.where(found, y0, (height - fallback_h) // 2)
     return torch.stack([x0, y0, w, h], 1)
 
 
-def _centre_crop_size(height: Tensor, width: Tensor, ratio: Sequence[float]) -> tuple[Tensor, Tensor]:
+def _centre_crop_size(
+    height: int | Tensor, width: int | Tensor, ratio: Sequence[float]
+) -> tuple[int | Tensor, int | Tensor]:
     """torchvision's fallback: the largest centred crop whose aspect ratio lies in ``ratio``;
-    (R,) sizes in, (R,) crop widths and heights out."""
+    (R,) sizes in, (R,) crop widths and heights out (or numbers for numbers)."""
     in_ratio = width / height
     low, high = min(ratio), max(ratio)
+    if not torch.is_tensor(in_ratio):
+        if in_ratio < low:
+            return width, int(round(width / low))
+        if in_ratio > high:
+            return int(round(height * high)), height
+        return width, height
     # torchvision's int(round(x)) rounds half to even, as torch.round does
     w = torch.where(in_ratio > high, (height * high).round(), width)
     h = torch.where(in_ratio < low, (width / low).round(), height)
