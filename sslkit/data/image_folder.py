@@ -60,8 +60,9 @@ def decode_image_file(path: str, channels: int, min_side: Optional[int] = None) 
 
     ``min_side``: the side the image will be resized to. A JPEG at least twice as large on both
     sides is decoded at reduced size by libjpeg's DCT scaling (1/2, 1/4 or 1/8, through Pillow's
-    ``draft``), to the smallest scale that keeps both sides at least ``min_side``: a 4000 x 3000
-    photo for a 256 px square decodes at 500 x 375, several times faster than in full.
+    ``draft``), to the smallest scale that keeps both sides at least ``min_side``: a 2000 x 1500
+    photo for a 256 px square decodes at 500 x 375 (decode and resize: 12 ms against 19 ms in
+    full, one thread, q90 photo-like content).
 
     The format comes from the bytes, not the extension. JPEG and WebP go to torchvision
     (libjpeg-turbo / libwebp; a truncated JPEG raises). PNG goes to Pillow: torchvision's
