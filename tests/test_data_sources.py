@@ -339,3 +339,20 @@ def test_folders_with_loose_images(mixed_tree: Path, tmp_path: Path) -> None:
     data = load_dataset(data_config("image_folder", root=str(tmp_path), image_size=S, labels="folders",
                                     bad_images="skip"), "train")
     assert len(data) == 1 and data.info["skipped"] == {"loose": 1}
+
+
+def test_sharded_views_of_sized_images_equal_the_global_batch() -> None:
+    """Each process draws the crops of the whole global batch and keeps its rows: with images of
+    their own sizes too, two processes' views are one process's, split."""
+    from sslkit.augment import augment_config, create_augment
+
+    views = create_augment(augment_config("simclr", size=8))
+    images = torch.randint(0, 256, (6, 3, S, S), dtype=torch.uint8)
+    sizes = torch.tensor([[20, 30], [40, 16], [16, 16], [24, 36], [33, 21], [18, 50]])
+    whole = views(images, torch.Generator().manual_seed(0), (0, 1), sizes)
+    parts = [views(images[r * 3:(r + 1) * 3], torch.Generator().manual_seed(0), (r, 2), sizes[r * 3:(r + 1) * 3])
+             for r in range(2)]
+    for v, view in enumerate(whole):
+        assert torch.allclose(view, torch.cat([part[v] for part in parts]), atol=1e-5)
+    unsized = views(images, torch.Generator().manual_seed(0), (0, 1))
+    assert not torch.allclose(whole[0], unsized[0])  # the sizes change the crops
