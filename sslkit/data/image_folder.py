@@ -24,7 +24,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -55,8 +55,12 @@ class BadImageWarning(UserWarning):
     """An undecodable image file skipped under ``data.bad_images=skip``."""
 
 
-def decode_image_file(path: str, channels: int, min_side: Optional[int] = None) -> torch.Tensor:
+def decode_image_file(
+    path: str, channels: int, min_side: Optional[int] = None, read: Optional[Callable[[], np.ndarray]] = None
+) -> torch.Tensor:
     """``path`` as uint8 ``(channels, H, W)``; any read or decoding failure is a ``BadImageError``.
+    ``read``: gives the bytes (uint8 ``(n,)``) when they are not the file ``path`` (a member of a
+    tar shard, a cell of a table); ``path`` then only names the image in messages.
 
     ``min_side``: the side the image will be resized to. A JPEG at least twice as large on both
     sides is decoded at reduced size by libjpeg's DCT scaling (1/2, 1/4 or 1/8, through Pillow's
@@ -74,7 +78,7 @@ def decode_image_file(path: str, channels: int, min_side: Optional[int] = None) 
     file's levels stay as they are.
     """
     try:
-        raw = np.fromfile(path, dtype=np.uint8)  # (bytes,), writable: no copy for torch
+        raw = np.fromfile(path, dtype=np.uint8) if read is None else read()  # (bytes,), writable: no copy for torch
         if raw.size == 0:
             raise ValueError("the file is empty (0 bytes)")
         head = raw[:12].tobytes()
@@ -298,8 +302,14 @@ class ImageFolder(torch.utils.data.Dataset):
             return image
         return TF.resize(image, [self.image_size, self.image_size], antialias=True)
 
+    def _raw(self, index: int) -> np.ndarray:
+        """The bytes of item ``index``'s image, uint8 ``(n,)``; a failure to read raises (OSError,
+        ValueError). Sources whose images are not files (tar shards, tables) override this."""
+        return np.fromfile(str(self.paths[index]), dtype=np.uint8)
+
     def _decode(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        image = decode_image_file(str(self.paths[index]), self.channels, self.image_size)  # (C, H, W)
+        image = decode_image_file(str(self.paths[index]), self.channels, self.image_size,
+                                  lambda: self._raw(index))  # (C, H, W)
         return self._fit(image).contiguous(), (image.shape[1], image.shape[2])  # (C, S, S), (H, W)
 
     def load(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]], tuple[int, int]]:
@@ -332,8 +342,8 @@ class ImageFolder(torch.utils.data.Dataset):
         the file's bytes as a uint8 ``(n,)`` tensor, when it is a JPEG that ``device_jpeg``
         accepts; otherwise ``load(index)`` (pixels ``(C, S, S)``, or its ``BadImageError``)."""
         try:
-            raw = np.fromfile(str(self.paths[index]), dtype=np.uint8)
-        except OSError:
+            raw = self._raw(index)
+        except (OSError, ValueError):
             return self.load(index)  # the error (or the skip) names the file as load says it
         if not device_jpeg(raw):
             return self.load(index)

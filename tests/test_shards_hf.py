@@ -1,0 +1,314 @@
+"""WebDataset shards and local Hugging Face datasets: read as webdataset and datasets read them,
+the same images as a folder give the same batches, every sample once per epoch over two
+processes, bad shards and missing columns named in one line."""
+
+from __future__ import annotations
+
+import functools
+import io
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslkit.data import make_batches
+from sslkit.data.image_folder import BadImageError, BadImageWarning, ImageFolder
+from sslkit.data.shards import ShardImages
+from sslkit.errors import UserError
+from tests.conftest import run_gloo_workers
+
+SIZE = 16
+N = 24  # 3 classes x 8
+
+
+def image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
+    """A unique image of a random size and aspect, as a JPEG or PNG file's bytes."""
+    height, width = rng.integers(12, 40, 2)
+    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=fmt)
+    return out.getvalue()
+
+
+def write_shards(folder: ImageFolder, pattern: str, per_shard: int) -> str:
+    """``folder``'s images, in its order, as webdataset shards written by webdataset itself."""
+    import webdataset as wds
+
+    count = 0
+    for start in range(0, len(folder), per_shard):
+        with wds.TarWriter(pattern % count) as sink:
+            for i in range(start, min(start + per_shard, len(folder))):
+                path = Path(str(folder.paths[i]))
+                ext = "png" if path.suffix == ".png" else "jpg"
+                sink.write({"__key__": f"{path.parent.name}_{path.stem}", ext: path.read_bytes(),
+                            "cls": int(folder.labels[i]), "json": {"source": path.name}})
+        count += 1
+    return pattern.replace("%02d", f"{{00..{count - 1:02d}}}")
+
+
+def write_table(folder: ImageFolder, root: Path) -> None:
+    """``folder``'s images and labels as a Hugging Face dataset saved with ``save_to_disk``."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.classes)})
+    rows = {"image": [{"bytes": Path(str(p)).read_bytes(), "path": None} for p in folder.paths],
+            "label": folder.labels.tolist()}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same 24 images (JPEGs and a PNG, mixed sizes) as a folder, shards and an hf dataset."""
+    root = tmp_path_factory.mktemp("sources")
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        fmt = "PNG" if i == 5 else "JPEG"
+        path = root / "folder" / f"c{i % 3}" / f"img{i:02d}.{fmt.lower().replace('jpeg', 'jpg')}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_bytes(rng, fmt))
+    folder = ImageFolder.scan(root / "folder", SIZE)
+    (root / "shards").mkdir()
+    urls = write_shards(folder, str(root / "shards" / "part-%02d.tar"), per_shard=10)  # 10, 10, 4
+    write_table(folder, root / "table")
+    return {"root": root, "folder": folder, "urls": urls}
+
+
+def epoch_batches(data, epoch: int, start: int = 0, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = make_batches(data, 4, shuffle=True, drop_last=True, seed=7, **kwargs)
+    batches.set_epoch(epoch, start)
+    return list(batches)
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+# ---------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def test_shards_hold_the_samples_webdataset_reads(sources: dict, tmp_path: Path) -> None:
+    """Keys, grouping and image bytes as ``webdataset.WebDataset`` reads them, with pax long
+    names, a sample without an image, metadata members and upper-case extensions."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(1)
+    with wds.TarWriter(str(tmp_path / "odd.tar")) as sink:
+        sink.write({"__key__": "a" * 150, "jpg": image_bytes(rng, "JPEG"), "cls": 2})  # > 100 chars: a pax path
+        sink.write({"__key__": "sub/dir/b", "PNG": image_bytes(rng, "PNG"), "cls": 0})
+        sink.write({"__key__": "no_image", "cls": 1, "txt": "hello"})
+        sink.write({"__key__": "c", "webp": b"not really webp", "jpg": image_bytes(rng, "JPEG")})
+    urls = f"{sources['urls']}::{tmp_path / 'odd.tar'}"
+    data = ShardImages.open(urls, SIZE, bad_images="skip")
+    reference = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [str(p).rsplit(":", 1)[1] for p in data.paths] == [s["__key__"] for s in reference]
+    for i, sample in enumerate(reference):
+        image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if image is None:
+            assert data.offsets[i] == -1
+        else:
+            assert bytes(data._raw(i)) == image
+    assert data.labels[-4:].tolist() == [2, 0, 1, -1]
+    assert data.classes == ["0", "1", "2"]
+    assert torch.equal(data.labels[:N], sources["folder"].labels)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_same_images_as_shards_give_the_batches_of_a_folder(sources: dict, workers: int) -> None:
+    """Bit-identical batches for the same seed, every epoch; a resumed epoch is the tail of the
+    uninterrupted one (shards are random-access, so the folder's order guarantees carry over)."""
+    shards = ShardImages.open(sources["urls"], SIZE)
+    assert len(shards) == N
+    for epoch in (0, 1):
+        folder_batches = epoch_batches(sources["folder"], epoch)
+        shard_batches = epoch_batches(shards, epoch, num_workers=workers)
+        assert_same_batches(shard_batches, folder_batches)
+    assert_same_batches(epoch_batches(shards, 1, start=2, num_workers=workers), folder_batches[2:])
+    assert not torch.equal(torch.cat([b[1] for b in epoch_batches(shards, 0)]),
+                           torch.cat([b[1] for b in epoch_batches(shards, 1)]))  # the order changes per epoch
+
+
+def _seen(urls: str, rank: int) -> dict:
+    """What rank ``rank`` of 2 gets from the shards over two epochs: its images' fingerprints."""
+    data = ShardImages.open(urls, SIZE)
+    batches = make_batches(data, 3, shuffle=True, drop_last=True, seed=5, rank=rank, world_size=2, num_workers=1)
+    out = {}
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        out[epoch] = [images.flatten(1).sum(1) * 1000 + labels for images, labels in batches]
+    return out
+
+
+def test_two_processes_see_every_shard_sample_once_per_epoch(sources: dict, tmp_path: Path) -> None:
+    """Two gloo processes (world size asserted), a loader worker each: every sample once per
+    epoch, the same number of steps on both."""
+    ranks = run_gloo_workers(functools.partial(_seen, sources["urls"]), tmp_path)
+    data = ShardImages.open(sources["urls"], SIZE)
+    expected = sorted((torch.stack([data[i][0] for i in range(N)]).flatten(1).sum(1) * 1000 + data.labels).tolist())
+    for epoch in (0, 1):
+        assert len(ranks[0][epoch]) == len(ranks[1][epoch]) == N // 6
+        seen = torch.cat([torch.cat(r[epoch]) for r in ranks]).tolist()
+        assert sorted(seen) == expected
+        assert len(set(expected)) == N  # the fingerprints tell the images apart
+
+
+def cut(src: Path, dst: Path, size: int) -> Path:
+    dst.write_bytes(src.read_bytes()[:size])
+    return dst
+
+
+def tar_layout(path: Path) -> list[tuple[str, int, int]]:
+    """``(member, header offset, end of its data)`` as Python's tarfile reads them."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data + m.size) for m in tar]
+
+
+@pytest.mark.parametrize("damage", ["not_a_tar", "empty", "cut_in_image", "cut_between_samples"])
+def test_a_bad_shard_is_named_and_skipped_on_request(sources: dict, tmp_path: Path, damage: str) -> None:
+    first = Path(sources["urls"].split("{")[0] + "00.tar")
+    members = tar_layout(first)
+    jpg_end = [end for name, _, end in members if name.endswith((".jpg", ".png"))]
+    if damage == "not_a_tar":
+        bad, kept = tmp_path / "bad.tar", 0
+        bad.write_bytes(b"<html>404 Not Found</html>\n" * 40)
+    elif damage == "empty":
+        bad, kept = tmp_path / "bad.tar", 0
+        bad.write_bytes(b"")
+    elif damage == "cut_in_image":  # inside the 4th sample's image: 3 complete samples
+        bad, kept = cut(first, tmp_path / "bad.tar", jpg_end[3] - 10), 3
+    else:  # after the 4th sample's last member (its json), no end-of-archive blocks: the 4th may be
+        # incomplete (a shard cut at a member boundary does not say), so it is dropped too
+        json_end = [end for name, _, end in members if name.endswith(".json")][3]
+        bad, kept = cut(first, tmp_path / "bad.tar", -(-json_end // 512) * 512), 3
+    urls = f"{bad}::{sources['urls']}"
+    with pytest.raises(BadImageError) as err:
+        ShardImages.open(urls, SIZE)
+    message = str(err.value)
+    assert "\n" not in message and str(bad) in message and "data.bad_images=skip" in message
+    assert ("not a tar" in message or "is empty" in message) if damage in ("not_a_tar", "empty") else "cut short" in message
+    with pytest.warns(BadImageWarning, match=str(bad)):
+        data = ShardImages.open(urls, SIZE, bad_images="skip")
+    assert len(data) == N + kept and len(data.skipped) == 1
+    reference = ShardImages.open(sources["urls"], SIZE)
+    for i in range(kept):  # the complete samples are there and decode
+        assert torch.equal(data[i][0], reference[i][0])
+
+
+def test_a_sample_that_does_not_decode_follows_bad_images(sources: dict, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    rng = np.random.default_rng(2)
+    good = [image_bytes(rng, "JPEG") for _ in range(3)]
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "k0", "jpg": good[0], "cls": 0})
+        sink.write({"__key__": "k1", "jpg": good[1][: len(good[1]) // 2], "cls": 1})  # cut short
+        sink.write({"__key__": "k2", "cls": 2})  # no image entry
+        sink.write({"__key__": "k3", "jpg": good[2], "cls": 3})
+    with pytest.raises(BadImageError, match=r"s\.tar:k1") as err:
+        ShardImages.open(str(tmp_path / "s.tar"), SIZE)[1]
+    assert "\n" not in str(err.value)
+    with pytest.raises(BadImageError, match=r"s\.tar:k2: the sample has no image entry"):
+        ShardImages.open(str(tmp_path / "s.tar"), SIZE)[2]
+    data = ShardImages.open(str(tmp_path / "s.tar"), SIZE, bad_images="skip")
+    batches = make_batches(data, 4, shuffle=False, drop_last=False, seed=0)
+    with pytest.warns(BadImageWarning):
+        [(images, labels)] = list(batches)
+    assert labels.tolist() == [0, 3, 3, 3] and batches.bad_images == 2  # the next decodable sample, k3
+
+
+def test_shard_urls_errors(sources: dict, tmp_path: Path) -> None:
+    pattern = sources["urls"].replace("{00..02}", "{00..05}")
+    with pytest.raises(UserError, match=r"part-03\.tar does not exist \(3 of the 6 files"):
+        ShardImages.open(pattern, SIZE)
+    with pytest.raises(UserError, match="not a local file"):
+        ShardImages.open("https://example.com/shards-{0..3}.tar", SIZE)
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "t.tar")) as sink:
+        sink.write({"__key__": "a", "jpeg": b"x", "cls": 0})
+    with pytest.raises(UserError, match="none with an image entry .* data.image_key"):
+        ShardImages.open(str(tmp_path / "t.tar"), SIZE, image_key="jpg;png")
+    assert len(ShardImages.open(str(tmp_path / "t.tar"), SIZE, image_key="jpeg")) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def test_hf_gives_the_batches_of_a_folder(sources: dict) -> None:
+    from sslkit.data.hf import TableImages
+
+    table = TableImages.open(str(sources["root"] / "table"), "train", SIZE, label_column="label")
+    assert table.classes == sources["folder"].classes and len(table) == N
+    for epoch in (0, 1):
+        assert_same_batches(epoch_batches(table, epoch, num_workers=1), epoch_batches(sources["folder"], epoch))
+    assert (TableImages.open(str(sources["root"] / "table"), "test", SIZE).labels == -1).all()  # no label column
+
+
+def test_hf_parquet_splits_and_a_dataset_dict(sources: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from sslkit.data.hf import TableImages
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rows = datasets.load_from_disk(str(sources["root"] / "table"))
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    rows.select(range(16)).to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+    rows.select(range(16, N)).to_parquet(str(tmp_path / "pq" / "data" / "test-00000-of-00001.parquet"))
+    datasets.DatasetDict(train=rows.select(range(16)), validation=rows.select(range(16, N))).save_to_disk(
+        str(tmp_path / "dict"))
+    folder = sources["folder"]
+    for root in (tmp_path / "pq", tmp_path / "dict"):
+        train = TableImages.open(str(root), "train", SIZE, label_column="label")
+        test = TableImages.open(str(root), "test", SIZE, label_column="label")
+        assert len(train) == 16 and len(test) == N - 16
+        assert torch.equal(test.labels, folder.labels[16:])
+        assert torch.equal(test[0][0], folder[16][0]) and torch.equal(train[3][0], folder[3][0])
+
+
+def test_hf_errors(sources: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sslkit.data.hf import TableImages
+
+    table = str(sources["root"] / "table")
+    with pytest.raises(UserError, match=r"data.image_column='img' is not a column of .*image, label.* data.image_column=image"):
+        TableImages.open(table, "train", SIZE, image_column="img")
+    with pytest.raises(UserError, match=r"data.label_column='labels' is not a column"):
+        TableImages.open(table, "train", SIZE, label_column="labels")
+    with pytest.raises(UserError, match="does not exist.*data.download=true"):
+        TableImages.open("user/some-hub-dataset", "train", SIZE)
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(UserError, match="neither a folder written by save_to_disk"):
+        TableImages.open(str(tmp_path), "train", SIZE)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(UserError, match=r"pip install 'sslkit\[hf\]'"):
+        TableImages.open(table, "train", SIZE)
+
+
+def test_hf_a_row_that_does_not_decode_follows_bad_images(sources: dict, tmp_path: Path) -> None:
+    import datasets
+
+    from sslkit.data.hf import TableImages
+
+    rows = datasets.load_from_disk(str(sources["root"] / "table")).select(range(4))
+    cells = rows.cast_column("image", datasets.Image(decode=False))["image"]
+    images = [cell["bytes"] for cell in cells]
+    images[1] = images[1][:40]
+    features = datasets.Features({"image": datasets.Image(), "label": rows.features["label"]})
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images],
+                                "label": rows["label"][:]}, features=features).save_to_disk(str(tmp_path / "t"))
+    with pytest.raises(BadImageError, match=r"t\[train\]\[1\]"):
+        TableImages.open(str(tmp_path / "t"), "train", SIZE)[1]
+    data = TableImages.open(str(tmp_path / "t"), "train", SIZE, label_column="label", bad_images="skip")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        image, label, bad = data.load(1)
+    assert bad is not None and torch.equal(image, data[2][0]) and label == int(data.labels[2])
