@@ -312,3 +312,60 @@ def test_hf_a_row_that_does_not_decode_follows_bad_images(sources: dict, tmp_pat
         warnings.simplefilter("always")
         image, label, bad = data.load(1)
     assert bad is not None and torch.equal(image, data[2][0]) and label == int(data.labels[2])
+
+
+# ---------------------------------------------------------------------------------------
+# Training on shards
+
+
+def shard_args(sources: dict) -> list[str]:
+    return ["data.name=webdataset", f"data.urls={sources['urls']}", "data.image_size=16", "data.num_workers=1",
+            "train.batch_size=8", "train.epochs=2", "eval.knn=false"]
+
+
+def test_a_crash_mid_epoch_on_shards_resumes_to_the_uninterrupted_weights(
+    sources: dict, tiny_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 steps per epoch, checkpoints every 2 steps; the run dies in its 5th step (after the
+    checkpoint at step 4, mid-epoch 1) and is resumed: the same final weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from sslkit.config import load_config
+    from sslkit.engine import train
+    from sslkit.methods.simclr import SimCLR
+
+    def config(name: str, *extra: str):
+        return load_config(tiny_recipe, [f"train.output_dir={tmp_path}", f"train.name={name}",
+                                         "train.checkpoint_every_steps=2", *shard_args(sources), *extra])
+
+    train(config("reference"))
+    ssl_step, calls = SimCLR.ssl_step, iter(range(100))
+
+    def crashing(self, views):
+        if next(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return ssl_step(self, views)
+
+    monkeypatch.setattr(SimCLR, "ssl_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("crashed"))
+    assert (tmp_path / "crashed" / "checkpoints" / "last").resolve().name == "epoch_0001_step_00000004"
+    monkeypatch.setattr(SimCLR, "ssl_step", ssl_step)
+    train(config("crashed", "resume=true"))
+    final = [load_file(tmp_path / name / "checkpoints" / "last" / "model.safetensors") for name in ("reference", "crashed")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.slow
+def test_shards_train_through_the_cli_in_one_and_two_processes(sources: dict, tiny_recipe: Path, tmp_path: Path) -> None:
+    """``sslkit train`` on shards, one process with batch 8 and two with 4 each (world size
+    asserted): the same steps up to float rounding. All of this file's CLI processes are here."""
+    from tests.test_distributed import METHOD_ARGS, _max_diff, _moved, _train
+
+    args = [*METHOD_ARGS["simclr"], *shard_args(sources), "train.max_steps=3", "train.epochs=1", "optim.lr=0.5"]
+    one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
+    two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
+    moved = _moved(one, tmp_path / "p1")
+    assert moved > 1e-3 and one.keys() == two.keys()
+    assert _max_diff(one, two) < 1e-3 * moved

@@ -4,7 +4,7 @@ from sslkit.data.datasets import (
     DATASETS, ImageData, data_config, describe, describe_line, item_keys, load_dataset, match_channels,
 )
 from sslkit.data.image_folder import ImageFolder  # importing registers "image_folder"
-from sslkit.data import file_list  # noqa: F401  (registers "file_list")
+from sslkit.data import file_list, hf, shards  # noqa: F401  (importing registers "file_list", "hf", "webdataset")
 from sslkit.data.loader import Batch, Batches, make_batches
 
 __all__ = [

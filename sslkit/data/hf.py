@@ -28,6 +28,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sslkit.config import DataConfig
+from sslkit.data.datasets import DATASETS
 from sslkit.data.image_folder import ImageFolder
 from sslkit.errors import UserError
 
@@ -141,7 +143,8 @@ class TableImages(ImageFolder):
         bad_images: str = "error",
         decode: str = "workers",
     ) -> None:
-        super().__init__(paths, labels, classes, image_size, channels, bad_images, decode)
+        info = {"labels": f"column {column!r}" if classes else "none"}
+        super().__init__(paths, labels, classes, image_size, channels, bad_images, decode, info)
         self.rows = rows  # a datasets.Dataset of the image column alone, undecoded
         self.column = column
 
@@ -188,3 +191,23 @@ class TableImages(ImageFolder):
             self.rows.select(range(min(n, len(self)))), self.column, self.paths[:n], self.labels[:n], self.classes,
             self.image_size, self.channels, self.bad_images, self.decode,
         )
+
+
+class HFConfig(DataConfig):
+    """``hf``'s own keys: the columns that hold the image and the label (``data.root``: a folder
+    written by ``save_to_disk`` or parquet files; ``data.download=true`` lets a Hub name fetch)."""
+
+    image_column: str = "image"  # an Image feature, image bytes, or image file paths
+    label_column: Optional[str] = None  # a ClassLabel, integer or text column; None: no labels
+
+
+@DATASETS.register("hf", config=HFConfig)
+def hf(cfg: HFConfig, split: str) -> TableImages:
+    """A local Hugging Face dataset (see the module docstring). ``data.image_size`` is required."""
+    if cfg.root is None:
+        raise UserError("dataset 'hf' needs data.root=<folder written by save_to_disk, or parquet files>")
+    if cfg.image_size is None:
+        raise UserError("dataset 'hf' needs data.image_size=<side in pixels> (e.g. 224)")
+    return TableImages.open(cfg.root, split, cfg.image_size, image_column=cfg.image_column,
+                            label_column=cfg.label_column, download=cfg.download, channels=cfg.channels,
+                            bad_images=cfg.bad_images, decode=cfg.decode)

@@ -40,6 +40,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from sslkit.config import DataConfig
+from sslkit.data.datasets import DATASETS
 from sslkit.data.image_folder import BadImageError, BadImageWarning, ImageFolder
 from sslkit.errors import UserError
 
@@ -244,13 +246,15 @@ class ShardImages(ImageFolder):
         image_exts: tuple[str, ...] = ("jpg",),
         skipped: Optional[list[tuple[str, str]]] = None,
     ) -> None:
-        super().__init__(paths, labels, classes, image_size, channels, bad_images, decode)
+        skipped = skipped or []
+        info = {"labels": "cls" if classes else "none", "skipped": {"bad_shards": len(skipped)} if skipped else {}}
+        super().__init__(paths, labels, classes, image_size, channels, bad_images, decode, info)
         self.shards = shards  # (S,) str: the shard files
         self.shard_of = shard_of  # (N,) int32: each sample's shard
         self.offsets = offsets  # (N,) int64: byte offset of its image; -1: it has none
         self.sizes = sizes  # (N,) int64
         self.image_exts = image_exts  # the extensions that make a sample's image entry, in preference order
-        self.skipped = skipped or []
+        self.skipped = skipped
 
     @classmethod
     def open(
@@ -320,3 +324,26 @@ class ShardImages(ImageFolder):
             self.offsets[:n], self.sizes[:n], self.channels, self.bad_images, self.decode, self.image_exts,
             self.skipped,
         )
+
+
+class WebDatasetConfig(DataConfig):
+    """``webdataset``'s own keys: where the shards are and which entries hold the image and label."""
+
+    # the training shards: /data/shards-{000000..000127}.tar (braces expand, "::" joins patterns)
+    urls: Optional[str] = None
+    test_urls: Optional[str] = None  # the test split's shards; None: the training shards serve both splits
+    image_key: str = "jpg;jpeg;png;webp"  # a sample's image: its first entry with one of these extensions
+    label_key: Optional[str] = "cls"  # its label: an integer class index or a class name; None: no labels
+
+
+@DATASETS.register("webdataset", config=WebDatasetConfig)
+def webdataset(cfg: WebDatasetConfig, split: str) -> ShardImages:
+    """WebDataset tar shards (see the module docstring): ``data.urls`` for training,
+    ``data.test_urls`` (or the same shards) for evaluation. ``data.image_size`` is required."""
+    if cfg.urls is None:
+        raise UserError("dataset 'webdataset' needs data.urls=<shard files, e.g. /data/shards-{000000..000127}.tar>")
+    if cfg.image_size is None:
+        raise UserError("dataset 'webdataset' needs data.image_size=<side in pixels> (e.g. 224)")
+    urls = cfg.test_urls if split == "test" and cfg.test_urls is not None else cfg.urls
+    return ShardImages.open(urls, cfg.image_size, image_key=cfg.image_key, label_key=cfg.label_key,
+                            channels=cfg.channels, bad_images=cfg.bad_images, decode=cfg.decode)
