@@ -86,8 +86,9 @@ def epoch_batches(data, epoch: int, start: int = 0, **kwargs) -> list[tuple[torc
 
 def assert_same_batches(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
+    for (images_a, labels_a), (images_b, labels_b), batch_a, batch_b in zip(a, b, a, b):
         assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+        assert torch.equal(batch_a.sizes, batch_b.sizes)  # each image's own size, for the crops
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def test_hf_a_row_that_does_not_decode_follows_bad_images(sources: dict, tmp_pat
     data = TableImages.open(str(tmp_path / "t"), "train", SIZE, label_column="label", bad_images="skip")
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        image, label, bad = data.load(1)
+        image, label, bad, _ = data.load(1)
     assert bad is not None and torch.equal(image, data[2][0]) and label == int(data.labels[2])
 
 

@@ -158,7 +158,8 @@ def load_dataset(cfg: DataConfig, split: str) -> Dataset:
     return data
 
 
-_SKIPPED = {"hidden": "hidden", "not_image": "non-image", "missing": "missing", "loose": "loose"}
+_SKIPPED = {"hidden": "hidden", "not_image": "non-image", "missing": "missing", "loose": "loose",
+            "damaged_shards": "damaged shard"}
 
 
 def describe(data: Dataset, cfg: DataConfig) -> dict[str, Any]:

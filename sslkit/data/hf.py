@@ -143,7 +143,7 @@ class TableImages(ImageFolder):
         bad_images: str = "error",
         decode: str = "workers",
     ) -> None:
-        info = {"labels": f"column {column!r}" if classes else "none"}
+        info = {"labels": "column" if classes else "none"}
         super().__init__(paths, labels, classes, image_size, channels, bad_images, decode, info)
         self.rows = rows  # a datasets.Dataset of the image column alone, undecoded
         self.column = column

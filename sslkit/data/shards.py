@@ -247,7 +247,7 @@ class ShardImages(ImageFolder):
         skipped: Optional[list[tuple[str, str]]] = None,
     ) -> None:
         skipped = skipped or []
-        info = {"labels": "cls" if classes else "none", "skipped": {"bad_shards": len(skipped)} if skipped else {}}
+        info = {"labels": "entry" if classes else "none", "skipped": {"damaged_shards": len(skipped)} if skipped else {}}
         super().__init__(paths, labels, classes, image_size, channels, bad_images, decode, info)
         self.shards = shards  # (S,) str: the shard files
         self.shard_of = shard_of  # (N,) int32: each sample's shard
