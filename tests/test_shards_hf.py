@@ -370,3 +370,27 @@ def test_shards_train_through_the_cli_in_one_and_two_processes(sources: dict, ti
     moved = _moved(one, tmp_path / "p1")
     assert moved > 1e-3 and one.keys() == two.keys()
     assert _max_diff(one, two) < 1e-3 * moved
+
+
+def test_sources_build_from_their_own_config_keys(sources: dict, tmp_path: Path) -> None:
+    from sslkit.config import ConfigError, load_config
+    from sslkit.data import data_config, describe, describe_line, load_dataset
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {name: webdataset}\n")
+    cfg = load_config(recipe, [f"data.urls={sources['urls']}", "data.image_size=16", "data.label_key=null"])
+    shards = load_dataset(cfg.data, "train")
+    assert len(shards) == N and shards.num_classes == 0 and (shards.labels == -1).all()
+    assert describe_line(describe(shards, cfg.data), cfg.data) == f"webdataset: {N} images, no labels"
+    with pytest.raises(ConfigError, match="image_column"):  # another source's key
+        load_config(recipe, ["data.image_column=image"])
+    with pytest.raises(UserError, match="needs data.urls="):
+        load_dataset(data_config("webdataset", image_size=16), "train")
+    test = load_dataset(data_config("webdataset", urls=sources["urls"], test_urls=sources["urls"].replace(
+        "{00..02}", "02"), image_size=16), "test")
+    assert len(test) == 4
+    table = load_dataset(data_config("hf", root=str(sources["root"] / "table"), image_size=16, label_column="label",
+                                     test_limit=5), "test")
+    assert len(table) == 5 and table.num_classes == 3
+    with pytest.raises(UserError, match="needs data.image_size="):
+        load_dataset(data_config("hf", root=str(sources["root"] / "table")), "train")
