@@ -24,6 +24,7 @@ from tests.conftest import run_gloo_workers
 
 SIZE = 16
 N = 24  # 3 classes x 8
+pytestmark = pytest.mark.usefixtures("no_default_places")  # the shard index cache too goes to tmp_path
 
 
 def image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
@@ -224,6 +225,29 @@ def test_a_sample_that_does_not_decode_follows_bad_images(sources: dict, tmp_pat
     with pytest.warns(BadImageWarning):
         [(images, labels)] = list(batches)
     assert labels.tolist() == [0, 3, 3, 3] and batches.bad_images == 2  # the next decodable sample, k3
+
+
+def test_the_shard_index_is_cached_and_follows_a_changed_shard(
+    sources: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import webdataset as wds
+
+    from sslkit.data import shards as shards_module
+
+    scans = []
+    scan = shards_module.index_shard
+    monkeypatch.setattr(shards_module, "index_shard", lambda *args: scans.append(args[0]) or scan(*args))
+    first = ShardImages.open(sources["urls"], SIZE)
+    again = ShardImages.open(sources["urls"], SIZE)
+    assert len(scans) == 3  # each shard scanned once: the second open reads the cache
+    assert list(first.paths) == list(again.paths) and (first.offsets == again.offsets).all()
+    assert torch.equal(first.labels, again.labels)
+    copy = tmp_path / "copy.tar"
+    shutil.copy(Path(str(first.shards[2])), copy)
+    assert len(ShardImages.open(str(copy), SIZE)) == 4
+    with wds.TarWriter(str(copy)) as sink:  # rewritten: another size and time
+        sink.write({"__key__": "only", "jpg": Path(str(sources["folder"].paths[0])).read_bytes(), "cls": 0})
+    assert list(ShardImages.open(str(copy), SIZE).paths) == [f"{copy}:only"]
 
 
 def test_shard_urls_errors(sources: dict, tmp_path: Path) -> None:

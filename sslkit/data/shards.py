@@ -9,8 +9,9 @@ entry among ``data.image_key`` (``jpg;jpeg;png;webp``), its label the integer (o
 in ``data.label_key`` (``cls``).
 
 Why an index, not a stream: opening the set reads each member's 512-byte header (``pread``,
-no image data; about 4 us per member from the page cache, see docs/benchmarks.md), which
-gives every sample's shard, byte offset and size. The shards are then a map-style dataset
+no image data; 50-170 us per sample on a busy 2-core machine, see docs/benchmarks.md), which
+gives every sample's shard, byte offset and size; each shard's index is cached
+(``cached_index``), so a shard is scanned once, not by every process of every run. The shards are then a map-style dataset
 (``ShardImages``, an ``ImageFolder`` whose bytes come from the tar) and ``Batches`` gives
 them every guarantee it gives a folder: the order depends only on ``(seed, epoch)`` (one
 global permutation of the samples, split over processes; the loader workers decode the
@@ -31,6 +32,7 @@ file in a folder (``skip``: the next decodable sample takes its place).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from sslkit.config import DataConfig
+from sslkit.data import datasets
 from sslkit.data.datasets import DATASETS
 from sslkit.data.image_folder import BadImageError, BadImageWarning, ImageFolder
 from sslkit.errors import UserError
@@ -207,6 +210,34 @@ def index_shard(path: str, image_exts: tuple[str, ...], label_ext: Optional[str]
     return ShardIndex(keys, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64), labels, problem)
 
 
+def cached_index(path: str, image_exts: tuple[str, ...], label_ext: Optional[str]) -> ShardIndex:
+    """``index_shard``, kept in ``<cache>/shard-index/`` (``~/.cache/sslkit``) under the shard's
+    real path, size and modification time: a shard is scanned once, not by every process of
+    every run. A cache that cannot be written (read-only home) only costs the scan."""
+    stat = os.stat(path)
+    ident = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{';'.join(image_exts)}|{label_ext}|1"
+    cached = datasets.CACHE_DIR / "shard-index" / f"{hashlib.sha1(ident.encode()).hexdigest()}.npz"
+    try:
+        with np.load(cached) as saved:
+            has_label = saved["has_label"]
+            labels = [str(t) if has else None for t, has in zip(saved["labels"], has_label)]
+            problem = str(saved["problem"]) or None
+            return ShardIndex([str(k) for k in saved["keys"]], saved["offsets"], saved["sizes"], labels, problem)
+    except (OSError, ValueError, KeyError):  # not cached yet, or a damaged cache file: scan
+        pass
+    index = index_shard(path, image_exts, label_ext)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, keys=np.array(index.keys, dtype=str), offsets=index.offsets, sizes=index.sizes,
+                 labels=np.array([t or "" for t in index.labels], dtype=str),
+                 has_label=np.array([t is not None for t in index.labels], dtype=bool), problem=index.problem or "")
+        os.replace(tmp, cached)  # atomic: processes indexing the same shard at once do not mix their files
+    except OSError:
+        pass
+    return index
+
+
 def _label_table(texts: list[Optional[str]]) -> tuple[torch.Tensor, list[str]]:
     """Label texts -> ``(labels (N,) int64, classes)``: integers are class indices (classes
     ``"0".."max"``), other texts class names (sorted); a missing label is -1. No label at all:
@@ -276,7 +307,7 @@ class ShardImages(ImageFolder):
         shard_of, offsets, sizes = [], [], []
         skipped: list[tuple[str, str]] = []
         for i, path in enumerate(files):
-            index = index_shard(path, image_exts, label_key)
+            index = cached_index(path, image_exts, label_key)
             if index.problem is not None:
                 kept = f"its {len(index.keys)} complete samples" if index.keys else "none of it"
                 fix = f"copy it again or remove it from data.urls, or set {_SKIP_HINT} to train on {kept}"
