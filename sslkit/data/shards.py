@@ -309,8 +309,8 @@ class ShardImages(ImageFolder):
         for i, path in enumerate(files):
             index = cached_index(path, image_exts, label_key)
             if index.problem is not None:
-                kept = f"its {len(index.keys)} complete samples" if index.keys else "none of it"
-                fix = f"copy it again or remove it from data.urls, or set {_SKIP_HINT} to train on {kept}"
+                kept = f"on its {len(index.keys)} complete samples" if index.keys else "without it"
+                fix = f"copy it again or remove it from data.urls, or set {_SKIP_HINT} to train {kept}"
                 if bad_images == "error":
                     raise BadImageError(f"shard {path} {index.problem}: {fix}")
                 skipped.append((path, f"shard {path} {index.problem}; {len(index.keys)} samples kept"))
