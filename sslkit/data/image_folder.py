@@ -117,10 +117,30 @@ def decode_image_file(
     return match_channels(image, channels)
 
 
+def _jpeg_size(raw: np.ndarray) -> Optional[tuple[int, int]]:
+    """A JPEG's (height, width) from its frame header, by walking the markers before it
+    (microseconds, no decoding); None when no frame header comes before the scan."""
+    data, n, pos = memoryview(raw), raw.size, 2
+    while pos + 9 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, markers without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+        if marker == 0xDA:
+            return None
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
 def _reducible(raw: np.ndarray, side: int) -> bool:
     """Whether a JPEG is at least ``2 * side`` on both sides, in a mode that DCT scaling keeps
     as torchvision decodes it (YCbCr or gray; not CMYK): reads the header only. A header Pillow
     cannot read is left to torchvision, whose error names the problem."""
+    size = _jpeg_size(raw)
+    if size is not None and min(size) < 2 * side:  # most files: no need for Pillow's slower header read
+        return False
     try:
         with Image.open(io.BytesIO(raw), formats=["JPEG"]) as im:
             return min(im.size) >= 2 * side and im.mode in ("RGB", "L")
@@ -310,7 +330,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def _decode(self, index: int) -> tuple[torch.Tensor, tuple[int, int]]:
         image = decode_image_file(str(self.paths[index]), self.channels, self.image_size,
                                   lambda: self._raw(index))  # (C, H, W)
-        return self._fit(image).contiguous(), (image.shape[1], image.shape[2])  # (C, S, S), (H, W)
+        return _contiguous(self._fit(image)), (image.shape[1], image.shape[2])  # (C, S, S), (H, W)
 
     def load(self, index: int) -> tuple[torch.Tensor, int, Optional[tuple[str, str]], tuple[int, int]]:
         """``(image, label, bad, size)``: the image resized whole to ``(C, S, S)`` and its own
@@ -408,6 +428,14 @@ class ImageFolder(torch.utils.data.Dataset):
 def _item(decoded: tuple[torch.Tensor, tuple[int, int]], label: int, bad: Optional[tuple[str, str]]) -> tuple:
     """``load``'s ``(image, label, bad, size)`` from ``_decode``'s ``(image, size)``."""
     return decoded[0], label, bad, decoded[1]
+
+
+def _contiguous(image: torch.Tensor) -> torch.Tensor:
+    """``image.contiguous()`` of a CPU uint8 image: numpy copies libjpeg's (H, W, C) memory into
+    (C, H, W) about twice as fast as torch does for uint8."""
+    if image.is_contiguous() or image.device.type != "cpu":
+        return image.contiguous()
+    return torch.from_numpy(np.ascontiguousarray(image.numpy()))
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
