@@ -110,6 +110,37 @@ def test_folder_and_file_list_give_the_same_batches(mixed_tree: Path, tmp_path: 
     assert sizes == {size for *_, size, _ in SCAN_ORDER} - {(64, 48)} | {(32, 24)}
 
 
+@pytest.mark.usefixtures("no_default_places")  # the shard index cache goes to tmp_path
+def test_shards_and_an_hf_dataset_give_the_batches_of_the_folder(mixed_tree: Path, tmp_path: Path) -> None:
+    """The same images in SCAN_ORDER as WebDataset shards (written by webdataset) and as a
+    saved Hugging Face dataset: the same batches as the folder, bit for bit, for the same seed.
+    Not only the same images per epoch: both are read by random access (a shard index,
+    memory-mapped Arrow), so the order is the folder's one permutation per (seed, epoch)."""
+    import datasets
+    import webdataset as wds
+
+    folder = load_dataset(data_config("image_folder", root=str(mixed_tree), image_size=S), "train")
+    for shard, part in enumerate((SCAN_ORDER[:4], SCAN_ORDER[4:])):  # 4 + 3 samples
+        with wds.TarWriter(str(tmp_path / f"part-{shard}.tar")) as sink:
+            for i, (rel, cls, _, fmt) in enumerate(part):
+                sink.write({"__key__": f"{shard}_{i}", "png" if fmt == "PNG" else "jpg": (mixed_tree / rel).read_bytes(),
+                            "cls": cls})  # class names: sorted into indices as the folder's
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.classes)})
+    rows = {"image": [{"bytes": (mixed_tree / rel).read_bytes(), "path": None} for rel, *_ in SCAN_ORDER],
+            "label": [folder.classes.index(cls) for _, cls, *_ in SCAN_ORDER]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    want = all_batches(folder, seed=5)
+    for cfg in (data_config("webdataset", urls=str(tmp_path / "part-{0..1}.tar"), image_size=S),
+                data_config("hf", root=str(tmp_path / "hf"), image_size=S, label_column="label")):
+        data = load_dataset(cfg, "train")
+        assert data.classes == ["cat", "dog"] and len(data) == len(SCAN_ORDER)
+        got = all_batches(data, seed=5, num_workers=2)
+        assert len(got) == len(want) == 6
+        for (images, labels, sizes), (want_images, want_labels, want_sizes) in zip(got, want):
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+            assert torch.equal(sizes, want_sizes)
+
+
 # ---------------------------------------------------------------------------------------
 # Labels
 
