@@ -177,7 +177,8 @@ def main() -> None:
         tv_folder = torchvision.datasets.ImageFolder(str(root / "folder"), transform=rrc)
         items = {"torchvision": tv_folder.__getitem__, "sslkit_folder": folder.load, "sslkit_shards": shards.load}
         if not args.no_lightly:
-            items["lightly"] = torchvision.datasets.ImageFolder(str(root / "folder"), transform=lightly_transform).__getitem__
+            lightly_folder = torchvision.datasets.ImageFolder(str(root / "folder"), transform=lightly_transform)
+            items["lightly"] = lightly_folder.__getitem__
         per_cpu = {name: cpu_rate(item, min(args.images, 128), args.repeats) for name, item in items.items()}
         runs: dict[str, list[float]] = {name: [] for name in pipelines}
         for _ in range(args.repeats):

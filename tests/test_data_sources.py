@@ -123,8 +123,9 @@ def test_shards_and_an_hf_dataset_give_the_batches_of_the_folder(mixed_tree: Pat
     for shard, part in enumerate((SCAN_ORDER[:4], SCAN_ORDER[4:])):  # 4 + 3 samples
         with wds.TarWriter(str(tmp_path / f"part-{shard}.tar")) as sink:
             for i, (rel, cls, _, fmt) in enumerate(part):
-                sink.write({"__key__": f"{shard}_{i}", "png" if fmt == "PNG" else "jpg": (mixed_tree / rel).read_bytes(),
-                            "cls": cls})  # class names: sorted into indices as the folder's
+                ext = "png" if fmt == "PNG" else "jpg"
+                # class names as labels: sorted into indices as the folder's
+                sink.write({"__key__": f"{shard}_{i}", ext: (mixed_tree / rel).read_bytes(), "cls": cls})
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.classes)})
     rows = {"image": [{"bytes": (mixed_tree / rel).read_bytes(), "path": None} for rel, *_ in SCAN_ORDER],
             "label": [folder.classes.index(cls) for _, cls, *_ in SCAN_ORDER]}

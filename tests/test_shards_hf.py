@@ -194,7 +194,8 @@ def test_a_bad_shard_is_named_and_skipped_on_request(sources: dict, tmp_path: Pa
         ShardImages.open(urls, SIZE)
     message = str(err.value)
     assert "\n" not in message and str(bad) in message and "data.bad_images=skip" in message
-    assert ("not a tar" in message or "is empty" in message) if damage in ("not_a_tar", "empty") else "cut short" in message
+    whole = damage in ("not_a_tar", "empty")
+    assert ("not a tar" in message or "is empty" in message) if whole else "cut short" in message
     with pytest.warns(BadImageWarning, match=str(bad)):
         data = ShardImages.open(urls, SIZE, bad_images="skip")
     assert len(data) == N + kept and len(data.skipped) == 1
@@ -292,7 +293,7 @@ def test_hf_errors(sources: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     from sslkit.data.hf import TableImages
 
     table = str(sources["root"] / "table")
-    with pytest.raises(UserError, match=r"data.image_column='img' is not a column of .*image, label.* data.image_column=image"):
+    with pytest.raises(UserError, match=r"data.image_column='img' is not a column of .*image, label.*=image"):
         TableImages.open(table, "train", SIZE, image_column="img")
     with pytest.raises(UserError, match=r"data.label_column='labels' is not a column"):
         TableImages.open(table, "train", SIZE, label_column="labels")
@@ -365,13 +366,16 @@ def test_a_crash_mid_epoch_on_shards_resumes_to_the_uninterrupted_weights(
     assert (tmp_path / "crashed" / "checkpoints" / "last").resolve().name == "epoch_0001_step_00000004"
     monkeypatch.setattr(SimCLR, "ssl_step", ssl_step)
     train(config("crashed", "resume=true"))
-    final = [load_file(tmp_path / name / "checkpoints" / "last" / "model.safetensors") for name in ("reference", "crashed")]
+    final = [load_file(tmp_path / name / "checkpoints" / "last" / "model.safetensors")
+             for name in ("reference", "crashed")]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
 @pytest.mark.slow
-def test_shards_train_through_the_cli_in_one_and_two_processes(sources: dict, tiny_recipe: Path, tmp_path: Path) -> None:
+def test_shards_train_through_the_cli_in_one_and_two_processes(
+    sources: dict, tiny_recipe: Path, tmp_path: Path
+) -> None:
     """``sslkit train`` on shards, one process with batch 8 and two with 4 each (world size
     asserted): the same steps up to float rounding. All of this file's CLI processes are here."""
     from tests.test_distributed import METHOD_ARGS, _max_diff, _moved, _train

@@ -121,7 +121,8 @@ def _labels(rows: Any, column: Optional[str]) -> tuple[torch.Tensor, list[str]]:
     present = [v for v in values if v is not None]
     if all(isinstance(v, int) and v >= 0 for v in present):
         top = max(present, default=-1)
-        return torch.tensor([-1 if v is None else v for v in values], dtype=torch.int64), [str(i) for i in range(top + 1)]
+        indices = torch.tensor([-1 if v is None else v for v in values], dtype=torch.int64)
+        return indices, [str(i) for i in range(top + 1)]
     classes = sorted({str(v) for v in present})
     lookup = {name: i for i, name in enumerate(classes)}
     return torch.tensor([-1 if v is None else lookup[str(v)] for v in values], dtype=torch.int64), classes

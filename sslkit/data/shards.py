@@ -11,23 +11,24 @@ in ``data.label_key`` (``cls``).
 Why an index, not a stream: opening the set reads each member's 512-byte header (``pread``,
 no image data; 50-170 us per sample on a busy 2-core machine, see docs/benchmarks.md), which
 gives every sample's shard, byte offset and size; each shard's index is cached
-(``cached_index``), so a shard is scanned once, not by every process of every run. The shards are then a map-style dataset
-(``ShardImages``, an ``ImageFolder`` whose bytes come from the tar) and ``Batches`` gives
-them every guarantee it gives a folder: the order depends only on ``(seed, epoch)`` (one
-global permutation of the samples, split over processes; the loader workers decode the
-batches the sampler hands them), every sample is seen once per epoch, every process takes the
-same number of steps, a run resumed mid-epoch skips exactly the batches it trained on, and
-the same images as a folder (written in the folder's order) give bit-identical batches.
-A stream (``webdataset.WebDataset`` with a shuffle buffer) could give none of these without
-knowing the sample counts first, which takes this same header scan. The cost: the shards must
-be files (local or mounted); remote URLs (``http://``, ``s3://``, ``pipe:``) are refused with
-one line saying so.
+(``cached_index``), so a shard is scanned once, not by every process of every run. The
+shards are then a map-style dataset (``ShardImages``, an ``ImageFolder`` whose bytes come
+from the tar) and ``Batches`` gives them every guarantee it gives a folder: the order depends
+only on ``(seed, epoch)`` (one global permutation of the samples, split over processes; the
+loader workers decode the batches the sampler hands them), every sample is seen once per
+epoch, every process takes the same number of steps, a run resumed mid-epoch skips exactly
+the batches it trained on, and the same images as a folder (written in the folder's order)
+give bit-identical batches. A stream (``webdataset.WebDataset`` with a shuffle buffer) could
+give none of these without knowing the sample counts first, which takes this same header
+scan. The cost: the shards must be files (local or mounted); remote URLs (``http://``,
+``s3://``, ``pipe:``) are refused with one line saying so.
 
 Bad shards follow ``data.bad_images``: a file that is not a tar, is damaged or is cut short
 is an error naming it (``error``), or (``skip``) the samples before the damage are kept (the
-last one it reaches is dropped, as it may have lost members), the rest dropped, and the shard is warned about and counted as ``Batches`` counts a skipped image. A
-sample without an image entry, or whose image does not decode, is a bad image like a bad
-file in a folder (``skip``: the next decodable sample takes its place).
+last one it reaches is dropped, as it may have lost members), the rest dropped, and the
+shard is warned about and counted in the run's first line (``damaged_shards``). A sample
+without an image entry, or whose image does not decode, is a bad image like a bad file in a
+folder (``skip``: the next decodable sample takes its place, counted in ``Batches``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def expand_urls(urls: str) -> list[str]:
 
     files = [url[len("file:"):] if url.startswith("file:") else url for url in wds_expand(urls)]
     if not files:
-        raise UserError(f"data.urls={urls!r} names no shard: give a pattern such as /data/shards-{{000000..000127}}.tar")
+        raise UserError(
+            f"data.urls={urls!r} names no shard: give a pattern such as /data/shards-{{000000..000127}}.tar"
+        )
     remote = [url for url in files if _REMOTE.match(url)]
     if remote:
         raise UserError(
@@ -124,6 +127,10 @@ class _Reader:
         return self.buf[pos - self.start : pos - self.start + n]
 
 
+def _cut(file_size: int, pos: int, end: int) -> str:
+    return f"is cut short at byte {file_size} (its member at byte {pos} needs {end} bytes)"
+
+
 def _members(fd: int, file_size: int) -> tuple[list[tuple[str, int, int, bytes]], Optional[str]]:
     """Regular members ``(name, data offset, size, first bytes of the data)`` of the tar file
     open as ``fd``, reading headers only (and small members' data), and why the walk stopped
@@ -134,7 +141,8 @@ def _members(fd: int, file_size: int) -> tuple[list[tuple[str, int, int, bytes]]
     while True:
         if pos + _BLOCK > file_size:
             if pos == 0:
-                return members, "is empty" if file_size == 0 else f"is not a tar file ({file_size} bytes, less than a header)"
+                short = f"is not a tar file ({file_size} bytes, less than a header)"
+                return members, "is empty" if file_size == 0 else short
             if pos == file_size:
                 return members, f"is cut short at byte {file_size} (no end-of-archive blocks)"
             return members, f"is cut short at byte {file_size} (a header at byte {pos} is incomplete)"
@@ -152,7 +160,7 @@ def _members(fd: int, file_size: int) -> tuple[list[tuple[str, int, int, bytes]]
         start = pos + _BLOCK
         if kind in (b"x", b"L", b"g"):
             if start + size > file_size:
-                return members, f"is cut short at byte {file_size} (its member at byte {pos} needs {start + size} bytes)"
+                return members, _cut(file_size, pos, start + size)
             data = reader.read(start, size)
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -167,7 +175,7 @@ def _members(fd: int, file_size: int) -> tuple[list[tuple[str, int, int, bytes]]
                 name = pax.get("path", long_name or name)
                 size = int(pax.get("size", size))
                 if start + size > file_size:
-                    return members, f"is cut short at byte {file_size} (its member at byte {pos} needs {start + size} bytes)"
+                    return members, _cut(file_size, pos, start + size)
                 members.append((name, start, size, reader.read(start, min(size, _BLOCK))))
             long_name, pax = None, {}
         pos = start + -(-size // _BLOCK) * _BLOCK
@@ -278,7 +286,8 @@ class ShardImages(ImageFolder):
         skipped: Optional[list[tuple[str, str]]] = None,
     ) -> None:
         skipped = skipped or []
-        info = {"labels": "entry" if classes else "none", "skipped": {"damaged_shards": len(skipped)} if skipped else {}}
+        info = {"labels": "entry" if classes else "none",
+                "skipped": {"damaged_shards": len(skipped)} if skipped else {}}
         super().__init__(paths, labels, classes, image_size, channels, bad_images, decode, info)
         self.shards = shards  # (S,) str: the shard files
         self.shard_of = shard_of  # (N,) int32: each sample's shard
