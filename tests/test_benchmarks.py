@@ -98,3 +98,21 @@ def test_multiview_memory_smoke_reports_both_ways(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert any(line.startswith("before (staging)") for line in lines), proc.stdout
     assert any(line.startswith("after (one source)") for line in lines), proc.stdout
+
+
+def test_loader_benchmark_reports_every_pipeline(tmp_path: Path) -> None:
+    """benchmarks/loader.py at a few images: every pipeline measured, the shard index too."""
+    report_path = tmp_path / "loader.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--images", "16", "--size", "32", "--repeats", "1",
+         "--json", str(report_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    pipelines = {"torchvision", "sslkit_folder", "sslkit_shards", "lightly"}
+    assert set(report["img_per_s_per_worker"]) == set(report["img_per_cpu_s_per_worker"]) == pipelines
+    assert all(positive(v) for v in [*report["img_per_s_per_worker"].values(),
+                                     *report["img_per_cpu_s_per_worker"].values()])
+    assert positive(report["shard_index_us_per_sample"]) and positive(report["speedup_folder_cpu"])
