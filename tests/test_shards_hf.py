@@ -287,6 +287,8 @@ def test_hf_parquet_splits_and_a_dataset_dict(sources: dict, tmp_path: Path, mon
         assert len(train) == 16 and len(test) == N - 16
         assert torch.equal(test.labels, folder.labels[16:])
         assert torch.equal(test[0][0], folder[16][0]) and torch.equal(train[3][0], folder[3][0])
+    one_file = str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet")  # one file: both splits
+    assert len(TableImages.open(one_file, "test", SIZE)) == 16
 
 
 def test_hf_errors(sources: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

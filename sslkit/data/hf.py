@@ -48,7 +48,7 @@ def import_datasets() -> Any:
 
 def _split_of(path: Path, root: Path) -> Optional[str]:
     """The split a parquet file belongs to by its name (``train-0000.parquet``, ``test/x.parquet``)."""
-    parts = [*path.relative_to(root).parent.parts, path.name] if path != root else [path.name]
+    parts = [*path.relative_to(root).parent.parts, path.name]
     for split, names in SPLIT_NAMES.items():
         for part in parts:
             if re.split(r"[-_.]", part.lower(), maxsplit=1)[0] in names:
@@ -74,10 +74,11 @@ def load_rows(root: str, split: str, download: bool) -> Any:
                 f"data.root {root} is neither a folder written by save_to_disk (no dataset_info.json or "
                 "dataset_dict.json in it) nor parquet files: point it at one of these"
             )
-        base = path if path.is_dir() else path.parent
-        named = [f for f in files if _split_of(f, base) == split]
-        if not named and any(_split_of(f, base) is not None for f in files):
-            have = sorted({s for f in files if (s := _split_of(f, base)) is not None})
+        if path.is_file():  # one file serves both splits
+            return datasets.Dataset.from_parquet(str(path))
+        named = [f for f in files if _split_of(f, path) == split]
+        if not named and any(_split_of(f, path) is not None for f in files):
+            have = sorted({s for f in files if (s := _split_of(f, path)) is not None})
             raise UserError(
                 f"the parquet files under {root} have split(s) {', '.join(have)} by their names but none for the "
                 f"{split} split ({' or '.join(SPLIT_NAMES[split])}): add them, or give one file as data.root"
