@@ -199,6 +199,10 @@ def test_a_bad_shard_is_named_and_skipped_on_request(sources: dict, tmp_path: Pa
     with pytest.warns(BadImageWarning, match=str(bad)):
         data = ShardImages.open(urls, SIZE, bad_images="skip")
     assert len(data) == N + kept and len(data.skipped) == 1
+    from sslkit.data import data_config, describe, describe_line
+
+    cfg = data_config("webdataset", urls=urls, image_size=SIZE, bad_images="skip")
+    assert describe_line(describe(data, cfg), cfg).endswith("; skipped 1 damaged shard file(s)")  # the run's first line
     reference = ShardImages.open(sources["urls"], SIZE)
     for i in range(kept):  # the complete samples are there and decode
         assert torch.equal(data[i][0], reference[i][0])
