@@ -28,7 +28,6 @@ Also the time to index the shards (headers only) per sample.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
 from torch import Tensor
 
 from sslkit.config import Config, Count, NonNegative, Probability

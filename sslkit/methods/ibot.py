@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sslkit.config import Config, Count, FractionRange, NonNegative, Positive, PositiveRange, Probability
-from sslkit.losses import DINOLoss, IBOTPatchLoss
+from sslkit.losses import IBOTPatchLoss
 from sslkit.methods.base import METHODS, LossTerms
 from sslkit.methods.dino import DINO, DINOConfig
 from sslkit.models import DINOHead, block_mask, block_mask_bound, encode_masked, select_true
