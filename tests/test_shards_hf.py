@@ -378,18 +378,36 @@ def test_a_crash_mid_epoch_on_shards_resumes_to_the_uninterrupted_weights(
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
-@pytest.mark.slow
-def test_shards_train_through_the_cli_in_one_and_two_processes(
-    sources: dict, tiny_recipe: Path, tmp_path: Path
-) -> None:
-    """``sslkit train`` on shards, one process with batch 8 and two with 4 each (world size
-    asserted): the same steps up to float rounding. All of this file's CLI processes are here."""
-    from tests.test_distributed import METHOD_ARGS, _max_diff, _moved, _train
+def _two_process_shard_run(recipe: str, overrides: list, rank: int) -> None:
+    from sslkit.config import load_config
+    from tests.conftest import train_as_launched
 
-    args = [*METHOD_ARGS["simclr"], *shard_args(sources), "train.max_steps=3", "train.epochs=1", "optim.lr=0.5"]
-    one = _train(tiny_recipe, tmp_path, "p1", 1, *args)
-    two = _train(tiny_recipe, tmp_path, "p2", 2, *args)
-    moved = _moved(one, tmp_path / "p1")
+    train_as_launched(load_config(recipe, overrides))
+
+
+@pytest.mark.slow
+def test_shards_train_in_one_and_two_processes(sources: dict, tiny_recipe: Path, tmp_path: Path) -> None:
+    """Training on shards, one process with batch 8 and two with 4 each (world size asserted;
+    the two in forked gloo workers, as tests/test_distributed.py does): the same steps up to
+    float rounding."""
+    from functools import partial
+
+    from accelerate.utils import set_seed
+
+    from sslkit.config import load_config
+    from sslkit.engine import train
+    from sslkit.methods import create_method
+    from tests.conftest import run_gloo_workers
+    from tests.test_distributed import METHOD_ARGS, _max_diff, _overrides, _ssl, _weights
+
+    args = (*METHOD_ARGS["simclr"], *shard_args(sources), "train.max_steps=3", "train.epochs=1", "optim.lr=0.5")
+    train(load_config(tiny_recipe, _overrides(tmp_path, "p1", args)))
+    run_gloo_workers(partial(_two_process_shard_run, str(tiny_recipe), _overrides(tmp_path, "p2", args)), tmp_path)
+    one, two = _weights(tmp_path / "p1", 1), _weights(tmp_path / "p2", 2)
+    set_seed(0)
+    init = create_method(load_config(tiny_recipe, _overrides(tmp_path, "init", args)),
+                         one["online_probe.weight"].shape[0]).state_dict()
+    moved = _max_diff(_ssl(one), _ssl(init))
     assert moved > 1e-3 and one.keys() == two.keys()
     assert _max_diff(one, two) < 1e-3 * moved
 
