@@ -32,10 +32,13 @@ TINY_VIT = ("model.backbone=vit_tiny_patch16_224", "model.timm_kwargs={img_size:
 # iBOT and DINOv2 take multi-size views through one ViT, and have a patch head of their own;
 # DINOv2's KoLeo searches neighbours in the global batch here (dinov2's default: per process);
 # I-JEPA's predictor is shrunk and its context may keep few of the 16 patches.
+# SwAV's queue fills from the first step and is in use from the third (batch 32), so that its
+# share per process is tested too.
 MULTICROP_VIT = ("model.timm_kwargs.dynamic_img_size=true", "method.patch_output_dim=64")
 QUIRKS = {"barlowtwins": ("optim.lr=0.5",), "mae": ("optim.lr=0.5",), "ibot": MULTICROP_VIT,
           "dinov2": (*MULTICROP_VIT, "method.koleo_gather_distributed=true"),
-          "ijepa": ("method.pred_dim=16", "method.pred_depth=1", "method.min_keep=2")}
+          "ijepa": ("method.pred_dim=16", "method.pred_depth=1", "method.min_keep=2"),
+          "swav": ("method.queue_length=64", "method.queue_start_epochs=0")}
 
 
 def method_args(name: str) -> tuple[str, ...]:
@@ -45,7 +48,7 @@ def method_args(name: str) -> tuple[str, ...]:
     config = METHODS.config(name)
     keys = config.model_fields
     small = {"proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_layers": 2, "decoder_dim": 16, "decoder_depth": 1,
-             "decoder_heads": 2,
+             "decoder_heads": 2, "prototypes": 32, "queue_length": 256, "support_set_size": 256,
              "proj_output_dim": 64 if "bottleneck_dim" in keys else 16, "bottleneck_dim": 16}
     section = {"name": name, **{k: v for k, v in small.items() if k in keys}}
     args = ["method=" + yaml.safe_dump(section, default_flow_style=True).strip()]
