@@ -1,15 +1,19 @@
-"""sslkit's SimCLR, BYOL and DINO against lightly's, same backbone, batch, optimiser, epochs and seed.
+"""sslkit's SimCLR, BYOL, DINO, SimSiam, SwAV, NNCLR and MoCo v2 against lightly's, same backbone,
+batch, optimiser, epochs and seed.
 
 lightly's side is the way its docs and examples train each method: PIL images through the
-method's lightly transform (``SimCLRTransform``, ``BYOLTransform``, ``DINOTransform``) in
-DataLoader workers, lightly's heads, losses and momentum utilities, a plain torch loop.
+method's lightly transform (``SimCLRTransform``, ``BYOLTransform``, ``DINOTransform``,
+``SwaVTransform``) in DataLoader workers, lightly's heads, losses, memory banks
+(``NNMemoryBankModule``, ``NTXentLoss(memory_bank_size=...)``) and momentum utilities, a plain
+torch loop.
 sslkit's side is ``sslkit.engine.train`` (uint8 data on the device, batched views).
 Both use the same optimiser and schedules (sslkit's, from the recipe) and both are scored by
 the same k-NN (sslkit's KNNMonitor, clean test images against the clean train split) of the
-same network: the backbone for SimCLR, the online backbone for BYOL, the teacher's for DINO.
+same network: the backbone for SimCLR, SimSiam, SwAV, NNCLR and MoCo v2 (the query encoder), the
+online backbone for BYOL, the teacher's for DINO.
 
-    python benchmarks/compare_lightly.py --small                 # all three, 20k images, 1 epoch
-    python benchmarks/compare_lightly.py --small --method byol   # one method (simclr|byol|dino)
+    python benchmarks/compare_lightly.py --small                 # every method, 20k images, 1 epoch
+    python benchmarks/compare_lightly.py --small --method byol   # one method (a key of RECIPES)
     python benchmarks/compare_lightly.py                         # each recipe's full budget
     python benchmarks/compare_lightly.py recipes/simclr_fashion_mnist.yaml train.epochs=10
 
@@ -28,14 +32,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss
+from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss, SwaVLoss
 from lightly.models.modules import (
     BYOLPredictionHead,
     BYOLProjectionHead,
     DINOProjectionHead,
+    MoCoProjectionHead,
+    NNCLRPredictionHead,
+    NNCLRProjectionHead,
+    NNMemoryBankModule,
     SimCLRProjectionHead,
+    SimSiamPredictionHead,
+    SimSiamProjectionHead,
+    SwaVProjectionHead,
+    SwaVPrototypes,
 )
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms import (
@@ -44,6 +57,7 @@ from lightly.transforms import (
     BYOLView2Transform,
     DINOTransform,
     SimCLRTransform,
+    SwaVTransform,
 )
 from lightly.utils.scheduler import cosine_schedule
 from PIL import Image
@@ -64,6 +78,10 @@ RECIPES = {
     "simclr": ROOT / "recipes" / "quickstart.yaml",
     "byol": ROOT / "recipes" / "byol_fashion_mnist.yaml",
     "dino": ROOT / "recipes" / "dino_fashion_mnist.yaml",
+    "simsiam": ROOT / "recipes" / "simsiam_fashion_mnist.yaml",
+    "swav": ROOT / "recipes" / "swav_fashion_mnist.yaml",
+    "nnclr": ROOT / "recipes" / "nnclr_fashion_mnist.yaml",
+    "mocov2": ROOT / "recipes" / "mocov2_fashion_mnist.yaml",
 }
 # Small mode: each method's recipe on a 20k-image subset, one epoch.
 SMALL = ["train.epochs=1", "data.train_limit=20000", "eval.bank_limit=20000", "eval.test_limit=5000"]
@@ -120,6 +138,22 @@ def two_view_kwargs(v: AugmentConfig) -> dict:
     return dict(input_size=v.size, min_scale=v.scale[0], gaussian_blur=v.blur_prob, **shared_kwargs(v))
 
 
+def byol_transform(cfg: Config) -> Transform:
+    """lightly's BYOLTransform with each of sslkit's two views' settings (the ``byol`` preset)."""
+    v0, v1 = view_settings(cfg)
+    return BYOLTransform(
+        BYOLView1Transform(solarization_prob=v0.solarize_prob, **two_view_kwargs(v0)),
+        BYOLView2Transform(solarization_prob=v1.solarize_prob, **two_view_kwargs(v1)),
+    )
+
+
+def simclr_transform(cfg: Config) -> Transform:
+    """lightly's SimCLRTransform: two views alike (the ``simclr`` preset)."""
+    v0, v1 = view_settings(cfg)
+    require(v0 == v1, "SimCLRTransform makes two views alike")
+    return SimCLRTransform(**two_view_kwargs(v0))
+
+
 class LightlyMethod(nn.Module):
     """lightly's side of one method: its transform, its modules, one training step, and the
     hooks around the optimiser step (as a Lightning module of lightly's examples would)."""
@@ -156,9 +190,7 @@ class LightlySimCLR(LightlyMethod):
 
     @staticmethod
     def transform(cfg: Config) -> Transform:
-        v0, v1 = view_settings(cfg)
-        require(v0 == v1, "SimCLRTransform makes two views alike")
-        return SimCLRTransform(**two_view_kwargs(v0))
+        return simclr_transform(cfg)
 
     def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
         x0, x1 = views
@@ -184,11 +216,7 @@ class LightlyBYOL(LightlyMethod):
 
     @staticmethod
     def transform(cfg: Config) -> Transform:
-        v0, v1 = view_settings(cfg)
-        return BYOLTransform(
-            BYOLView1Transform(solarization_prob=v0.solarize_prob, **two_view_kwargs(v0)),
-            BYOLView2Transform(solarization_prob=v1.solarize_prob, **two_view_kwargs(v1)),
-        )
+        return byol_transform(cfg)
 
     def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
         m = self.cfg.method
@@ -267,7 +295,132 @@ class LightlyDINO(LightlyMethod):
         return self.teacher_backbone
 
 
-LIGHTLY: dict[str, type[LightlyMethod]] = {"simclr": LightlySimCLR, "byol": LightlyBYOL, "dino": LightlyDINO}
+class LightlySimSiam(LightlyMethod):
+    """lightly's SimSiam example: ``SimSiamProjectionHead`` (3 layers), ``SimSiamPredictionHead``,
+    negative cosine similarity with the projections detached."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        require(m.proj_layers == 3 and m.proj_batch_norm, "SimSiamProjectionHead is three layers with BatchNorm")
+        self.projection_head = SimSiamProjectionHead(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim)
+        self.prediction_head = SimSiamPredictionHead(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim)
+        self.criterion = NegativeCosineSimilarity()
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        return byol_transform(cfg)
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        z0, z1 = (self.projection_head(self.backbone(x)) for x in views)
+        p0, p1 = self.prediction_head(z0), self.prediction_head(z1)
+        return 0.5 * (self.criterion(p0, z1.detach()) + self.criterion(p1, z0.detach()))
+
+
+class LightlySwAV(LightlyMethod):
+    """lightly's SwAV example and ImageNet benchmark: ``SwaVProjectionHead``, ``SwaVPrototypes``
+    normalised before each step and frozen for the first epoch(s), ``SwaVLoss``, each crop
+    through the network on its own."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        require(m.proj_layers == 2 and m.proj_batch_norm, "SwaVProjectionHead is two layers with BatchNorm")
+        require(float(m.freeze_prototypes_epochs).is_integer(), "the prototypes freeze for whole epochs")
+        require(m.queue_length == 0, "this loop has no SwAV queue")
+        self.projection_head = SwaVProjectionHead(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim)
+        self.prototypes = SwaVPrototypes(m.proj_output_dim, m.prototypes,
+                                         n_steps_frozen_prototypes=int(m.freeze_prototypes_epochs))
+        self.criterion = SwaVLoss(m.temperature, m.sinkhorn_iterations, m.sinkhorn_epsilon)
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        a = cfg.augment
+        views = view_settings(cfg)
+        require(all(shared_kwargs(v) == shared_kwargs(views[0]) for v in views), "SwaVTransform's views share jitter")
+        require(all(v.solarize_prob == 0 for v in views), "SwaVTransform does not solarise")
+        require(all(v.blur_prob == views[0].blur_prob for v in views), "SwaVTransform's views share blur")
+        kwargs = shared_kwargs(views[0])
+        return SwaVTransform(
+            crop_sizes=(a.size, a.local_size), crop_counts=(2, a.local_crops),
+            crop_min_scales=(a.scale[0], a.local_scale[0]), crop_max_scales=(a.scale[1], a.local_scale[1]),
+            gaussian_blur=views[0].blur_prob, **kwargs,
+        )
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        self.prototypes.normalize()
+        epoch = step // steps_per_epoch
+        scores = [self.prototypes(F.normalize(self.projection_head(self.backbone(x)), dim=1), step=epoch)
+                  for x in views]
+        return self.criterion(scores[:2], scores[2:])
+
+
+class LightlyNNCLR(LightlyMethod):
+    """lightly's NNCLR example: ``NNCLRProjectionHead``, ``NNCLRPredictionHead``,
+    ``NNMemoryBankModule`` (the first view looked up, the second looked up and enqueued),
+    ``NTXentLoss``."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        require(m.proj_layers == 3 and m.proj_batch_norm, "NNCLRProjectionHead is three layers with BatchNorm")
+        self.projection_head = NNCLRProjectionHead(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim)
+        self.prediction_head = NNCLRPredictionHead(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim)
+        self.memory_bank = NNMemoryBankModule(size=(m.support_set_size, m.proj_output_dim))
+        self.criterion = NTXentLoss(temperature=m.temperature)
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        return byol_transform(cfg)
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        z0, z1 = (self.projection_head(self.backbone(x)) for x in views)
+        p0, p1 = self.prediction_head(z0), self.prediction_head(z1)
+        n0 = self.memory_bank(z0.detach(), update=False)
+        n1 = self.memory_bank(z1.detach(), update=True)
+        return 0.5 * (self.criterion(n0, p1) + self.criterion(n1, p0))
+
+
+class LightlyMoCoV2(LightlyMethod):
+    """lightly's MoCo example: ``MoCoProjectionHead``, deep-copied momentum encoders updated at
+    the start of each step, ``NTXentLoss(memory_bank_size=...)`` (the keys enqueued after each
+    loss); symmetric as lightly's CIFAR-10 benchmark when the recipe says so."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        self.projection_head = MoCoProjectionHead(self.backbone.num_features, m.proj_hidden_dim, m.proj_output_dim,
+                                                  m.proj_layers, m.proj_batch_norm)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NTXentLoss(temperature=m.temperature, memory_bank_size=(m.queue_length, m.proj_output_dim))
+
+    @staticmethod
+    def transform(cfg: Config) -> Transform:
+        return simclr_transform(cfg)
+
+    def training_step(self, views: list[Tensor], step: int, steps_per_epoch: int, total_steps: int) -> Tensor:
+        m = self.cfg.method
+        momentum = cosine_schedule(step, total_steps, m.momentum_base, m.momentum_end)
+        update_momentum(self.backbone, self.backbone_momentum, m=momentum)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+
+        def loss(x_query: Tensor, x_key: Tensor) -> Tensor:
+            query = self.projection_head(self.backbone(x_query))
+            with torch.no_grad():
+                key = self.projection_head_momentum(self.backbone_momentum(x_key))
+            return self.criterion(query, key)
+
+        x0, x1 = views
+        return 0.5 * (loss(x0, x1) + loss(x1, x0)) if m.symmetric else loss(x0, x1)
+
+
+LIGHTLY: dict[str, type[LightlyMethod]] = {
+    "simclr": LightlySimCLR, "byol": LightlyBYOL, "dino": LightlyDINO, "simsiam": LightlySimSiam,
+    "swav": LightlySwAV, "nnclr": LightlyNNCLR, "mocov2": LightlyMoCoV2,
+}
 
 
 def run_lightly(cfg: Config, workers: int) -> dict[str, float]:

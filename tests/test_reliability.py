@@ -79,7 +79,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "mocov2"])  # MoCo v2: its queue of keys resumes too
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_recipe, tmp_path, method, one_thread):
     extra = METHOD_ARGS[method]
     killed = _start(tiny_recipe, tmp_path, "killed", *extra, env=one_thread)
