@@ -64,13 +64,14 @@ METHOD_ARGS = {name: method_args(name) for name in METHODS.names()}
 
 
 # The cases trained with 1 and with 2 processes: every registered method, synchronised BatchNorm
-# (BatchNorm in the backbone and the heads, and BYOL's teacher; lr 0.5: at 2.0, 3 steps through
+# (BatchNorm in the backbone and the heads, and BYOL's teacher and MoCo v2's key encoder, its
+# alternative to shuffled BN; lr 0.5: at 2.0, 3 steps through
 # BatchNorm amplify float rounding to 1e-3 of the distance moved; the ratio here is ~1e-6, without
 # model.sync_batchnorm ~0.6), and the control: SimCLR without gathering.
 SYNC_BN = ("model.norm=batch", "method.proj_batch_norm=true", "model.sync_batchnorm=true", "optim.lr=0.5")
 CASES = {
     **METHOD_ARGS,
-    **{f"{m}_sync_batchnorm": (*METHOD_ARGS[m], *SYNC_BN) for m in ("simclr", "byol")},
+    **{f"{m}_sync_batchnorm": (*METHOD_ARGS[m], *SYNC_BN) for m in ("simclr", "byol", "mocov2")},
     "simclr_local": (*METHOD_ARGS["simclr"], "method.gather_distributed=false"),
 }
 
@@ -153,7 +154,7 @@ def test_two_processes_equal_one(recipe, one, two, method):
         assert (one[method]["patch_criterion.center"] != 0).any()  # the patch centre too (masked rows of both processes)
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "mocov2"])
 def test_synchronised_batchnorm_two_processes_equal_one(recipe, one, two, method):
     case = f"{method}_sync_batchnorm"
     assert _max_diff(one[case], two[case]) < 1e-3 * _moved(recipe, one, case)
