@@ -10,7 +10,6 @@ from lightly.models.modules import NNMemoryBankModule
 from sslkit.config import load_config
 from sslkit.losses import SwAVLoss
 from sslkit.methods import create_method
-from sslkit.methods.mocov2 import queue_infonce
 from sslkit.methods.nnclr import nearest_neighbours
 from tests.conftest import set_step
 from tests.test_methods import TINY
@@ -87,11 +86,11 @@ def test_swav_queue_fills_after_its_start_and_is_used_once_full():
     z = [F.normalize(_randn(16, 16, seed=i), dim=1) for i in range(2)]
     model.scheduled = {"queue_filling": 0.0, "queue_in_use": 0.0}
     assert model.queue_scores(z) is None
-    before = [q.features.clone() for q in model.queues]
+    before = [q.bank.clone() for q in model.queues]
     model.scheduled = {"queue_filling": 1.0, "queue_in_use": 0.0}
     assert model.queue_scores(z) is None  # filling, not used yet
     model.scheduled = {"queue_filling": 1.0, "queue_in_use": 1.0}
-    queued = [q.features.clone() for q in model.queues]
+    queued = [q.bank.clone() for q in model.queues]
     scores = model.queue_scores(z)  # one process: the whole queue, before this batch joins it
     for s, q, b in zip(scores, queued, before):
         assert not torch.equal(q, b)
@@ -104,7 +103,7 @@ def test_swav_step_equals_lightlys_loss_with_the_queue():
     model = _method(*SWAV)
     model.scheduled = {"freeze_prototypes": 0.0, "queue_filling": 1.0, "queue_in_use": 1.0}
     views = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
-    queued = [q.features.clone() for q in model.queues]
+    queued = [q.bank.clone() for q in model.queues]
     loss = model(views)["loss"]
     feats = torch.cat([model.backbone(torch.cat(views[:2])), model.backbone(torch.cat(views[2:]))])
     scores = model.prototypes(F.normalize(model.projection_head(feats), dim=1)).chunk(4)
@@ -131,17 +130,9 @@ def test_simsiam_equals_lightly_and_stops_the_projection_gradient():
 # ---------------------------------------------------------------- MoCo v2
 
 
-def test_queue_infonce_equals_lightlys_ntxent_with_a_memory_bank():
-    query, key = _randn(B, D).requires_grad_(), _randn(B, D, seed=1)
-    reference = NTXentLoss(temperature=0.2, memory_bank_size=(L, D))
-    queue = F.normalize(_randn(L, D, seed=2), dim=1)
-    reference.memory_bank.bank.copy_(queue)
-    torch.testing.assert_close(queue_infonce(query, key, queue, 0.2), reference(query, key))
-
-
 def _lightly_bank(bank, ours):
     """lightly's bank filled with our bank's rows (and its pointer at 0, as ours is)."""
-    bank.bank.copy_(ours.features)
+    bank.bank.copy_(ours.bank)
     bank.bank_ptr.zero_()
 
 
@@ -151,7 +142,7 @@ def test_mocov2_step_and_queue_equal_lightlys_ntxent_with_a_memory_bank():
     wrapping around the queue."""
     model = _method(f"method={{name: mocov2, proj_hidden_dim: 32, proj_output_dim: {D}, queue_length: {L}}}")
     reference = NTXentLoss(temperature=0.2, memory_bank_size=(L, D))
-    _lightly_bank(reference.memory_bank, model.queue)
+    _lightly_bank(reference.memory_bank, model.criterion.memory_bank)
     for step in range(4):
         x0, x1 = torch.randn(B, 3, 16, 16), torch.randn(B, 3, 16, 16)
         with torch.no_grad():
@@ -159,21 +150,23 @@ def test_mocov2_step_and_queue_equal_lightlys_ntxent_with_a_memory_bank():
             k = model.teacher(x1)
         loss = model([x0, x1])["loss"]
         torch.testing.assert_close(loss, reference(q, k), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.queue.features, reference.memory_bank.bank)
+        torch.testing.assert_close(model.criterion.memory_bank.bank, reference.memory_bank.bank)
 
 
-def test_mocov2_symmetric_uses_both_directions_and_enqueues_both_keys():
+def test_mocov2_symmetric_is_lightlys_two_calls():
+    """Both directions, as lightly's CIFAR-10 benchmark: the second call's queue holds the first's keys."""
     model = _method(f"method={{name: mocov2, proj_hidden_dim: 32, proj_output_dim: {D}, queue_length: {L}, "
                     "symmetric: true}")
+    reference = NTXentLoss(temperature=0.2, memory_bank_size=(L, D))
+    _lightly_bank(reference.memory_bank, model.criterion.memory_bank)
     x0, x1 = torch.randn(B, 3, 16, 16), torch.randn(B, 3, 16, 16)
-    queue = model.queue.features.clone()
     with torch.no_grad():
         q0, q1 = model.projection_head(model.backbone(torch.cat([x0, x1]))).chunk(2)  # one pass: BatchNorm
-        k1, k0 = F.normalize(model.teacher(torch.cat([x1, x0])), dim=1).chunk(2)
+        k1, k0 = model.teacher(torch.cat([x1, x0])).chunk(2)
     loss = model([x0, x1])["loss"]
-    expected = 0.5 * (queue_infonce(q0, k1, queue, 0.2) + queue_infonce(q1, k0, queue, 0.2))
+    expected = 0.5 * (reference(q0.requires_grad_(), k1) + reference(q1.requires_grad_(), k0))
     torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(model.queue.features[: 2 * B], torch.cat([k1, k0]))
+    torch.testing.assert_close(model.criterion.memory_bank.bank, reference.memory_bank.bank)
 
 
 # ---------------------------------------------------------------- NNCLR
@@ -200,10 +193,10 @@ def test_nnclr_step_and_support_set_equal_lightlys_pieces():
         p0, p1 = model.prediction_head(z0), model.prediction_head(z1)
         n0, n1 = bank(z0.detach(), update=False), bank(z1.detach(), update=True)
         torch.testing.assert_close(loss, 0.5 * (criterion(n0, p1) + criterion(n1, p0)))
-        torch.testing.assert_close(model.support_set.features, bank.bank)
+        torch.testing.assert_close(model.support_set.bank, bank.bank)
 
 
-@pytest.mark.parametrize("method, bank", [("mocov2", "queue."), ("nnclr", "support_set.")])
+@pytest.mark.parametrize("method, bank", [("mocov2", "criterion.memory_bank."), ("nnclr", "support_set.")])
 def test_queues_are_in_the_checkpointed_state(method, bank):
     model = _method(f"method={{name: {method}, proj_hidden_dim: 32, proj_output_dim: {D}}}")
-    assert any(key.startswith(bank) for key in model.state_dict())
+    assert {bank + "bank", bank + "ptr"} <= model.state_dict().keys()

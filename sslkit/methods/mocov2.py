@@ -7,23 +7,23 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit.config import Config, Count, Positive, Probability
+from sslkit.losses import NTXentLoss
 from sslkit.methods.base import METHODS, LossTerms
 from sslkit.methods.momentum import MomentumConfig, MomentumMethod
 from sslkit.models import mlp_head
-from sslkit.models.memory_bank import MemoryBank
 
 
 class MoCoV2Config(MomentumConfig):
     """Defaults: the paper's and ``main_moco.py``'s: a 2-layer head 2048 -> 128 without
     BatchNorm, a queue of 65,536 keys, temperature 0.2, a constant key-encoder momentum 0.999,
-    the loss of the query of the first view against the key of the second (``symmetric``: both
-    ways, as lightly's CIFAR-10 benchmark and MoCo's CIFAR-10 demo), SimCLR-style views with blur
-    (``--aug-plus``). The keys come from every process (the official code's all-gather before
-    ``_dequeue_and_enqueue``); BatchNorm over several processes: ``model.sync_batchnorm``."""
+    the loss of the first view's query against the second view's key (``symmetric``: both ways,
+    as lightly's CIFAR-10 benchmark), SimCLR-style views with blur (``--aug-plus``). The keys
+    come from every process (the official code's all-gather before ``_dequeue_and_enqueue``);
+    BatchNorm over several processes: ``model.sync_batchnorm`` (the official code shuffles the
+    key encoder's batch across GPUs instead)."""
 
     name: str = "mocov2"
     proj_hidden_dim: Count = 2048
@@ -36,31 +36,20 @@ class MoCoV2Config(MomentumConfig):
     symmetric: bool = False
 
 
-def queue_infonce(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> Tensor:
-    """MoCo's InfoNCE: each query's positive is its key, its negatives are the queue's rows.
-
-    The loss of lightly's ``NTXentLoss(temperature, memory_bank_size=(L, D))`` (which also uses
-    only the bank as negatives); ``tests/test_methods_more.py`` compares them.
-
-    Shapes: query (N, D), key (N, D) (no gradient), queue (L, D) -> scalar, the mean over N.
-    """
-    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
-    positive = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-    negative = q @ F.normalize(queue, dim=1).T  # (N, L)
-    logits = torch.cat([positive, negative], dim=1) / temperature  # (N, 1 + L)
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-
-
 @METHODS.register("mocov2", config=MoCoV2Config)
 class MoCoV2(MomentumMethod):
     """A query encoder (backbone + head), its momentum copy as key encoder, and a queue of keys
-    (``sslkit.models.MemoryBank``, filled from every process, saved in checkpoints) as the
-    negatives. Loss term: ``mocov2``. Schedules: ``momentum``."""
+    as the negatives: ``NTXentLoss`` with a memory bank (lightly's ``NTXentLoss(memory_bank_size)``,
+    the queue an ``sslkit.models.MemoryBank`` filled from every process and saved in checkpoints,
+    at ``criterion.memory_bank``). Each call enqueues its keys after using the queue; symmetric,
+    the second direction's queue holds the first's keys, as in lightly's benchmark. Loss term:
+    ``mocov2``. Schedules: ``momentum``."""
 
     def __init__(self, cfg: Config, num_classes: Optional[int] = None) -> None:
         super().__init__(cfg, num_classes)
         m = self.config
-        self.queue = MemoryBank(m.queue_length, m.proj_output_dim, gather_distributed=True)
+        self.criterion = NTXentLoss(temperature=m.temperature, memory_bank_size=(m.queue_length, m.proj_output_dim),
+                                    gather_distributed=True)
 
     def make_head(self) -> nn.Module:
         m = self.config
@@ -69,13 +58,10 @@ class MoCoV2(MomentumMethod):
 
     def ssl_step(self, views: list[Tensor]) -> tuple[LossTerms, Tensor]:
         x0, x1 = views  # (B, 3, h, w) each
-        queries = torch.cat([x0, x1]) if self.config.symmetric else x0
-        keys = torch.cat([x1, x0]) if self.config.symmetric else x1
-        h = self.backbone(queries)  # (B or 2B, F)
-        q = self.projection_head(h)  # (B or 2B, D)
-        k = F.normalize(self.teacher(keys), dim=1)  # (B or 2B, D), no gradient
-        negatives = self.queue.features.clone()  # (L, D): the queue before this batch joins it
-        loss = queue_infonce(q, k, negatives, self.config.temperature)
-        for view_keys in k.chunk(2 if self.config.symmetric else 1):  # view by view: the queue's
-            self.queue.enqueue(view_keys)  # rows in the same order however the batch is split
-        return {"mocov2": loss}, h[: len(x0)]
+        if not self.config.symmetric:
+            h = self.backbone(x0)  # (B, F)
+            return {"mocov2": self.criterion(self.projection_head(h), self.teacher(x1))}, h
+        h = self.backbone(torch.cat([x0, x1]))  # (2B, F): one pass
+        q0, q1 = self.projection_head(h).chunk(2)  # (B, D) each
+        k1, k0 = self.teacher(torch.cat([x1, x0])).chunk(2)  # (B, D) each, no gradient
+        return {"mocov2": 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))}, h[: len(x0)]

@@ -13,8 +13,7 @@ from sslkit.config import Config, Count, Positive
 from sslkit.losses import NTXentLoss
 from sslkit.methods.base import METHODS, LossTerms
 from sslkit.methods.two_view import ProjectionConfig, TwoViewMethod
-from sslkit.models import mlp_head
-from sslkit.models.memory_bank import MemoryBank
+from sslkit.models import MemoryBank, mlp_head
 
 
 class NNCLRConfig(ProjectionConfig):
@@ -56,7 +55,7 @@ class NNCLR(TwoViewMethod):
         m = self.config
         self.prediction_head = mlp_head(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim, 2, m.proj_batch_norm)
         self.support_set = MemoryBank(m.support_set_size, m.proj_output_dim, gather_distributed=m.gather_distributed)
-        self.criterion = NTXentLoss(m.temperature, m.gather_distributed)
+        self.criterion = NTXentLoss(temperature=m.temperature, gather_distributed=m.gather_distributed)
 
     def make_head(self) -> nn.Module:
         m = self.config
@@ -65,7 +64,7 @@ class NNCLR(TwoViewMethod):
 
     def loss_terms(self, z0: Tensor, z1: Tensor) -> LossTerms:
         p0, p1 = self.prediction_head(z0), self.prediction_head(z1)  # (B, D) each
-        support = self.support_set.features  # (L, D): before this batch joins it
+        support = self.support_set.bank  # (L, D): before this batch joins it
         nn0, nn1 = nearest_neighbours(z0.detach(), support), nearest_neighbours(z1.detach(), support)
         self.support_set.enqueue(z1.detach())
         return {"nnclr": 0.5 * (self.criterion(nn0, p1) + self.criterion(nn1, p0))}

@@ -18,8 +18,7 @@ from sslkit.errors import UserError
 from sslkit.losses import SwAVLoss
 from sslkit.methods.base import METHODS, LossTerms, Method
 from sslkit.methods.two_view import ProjectionConfig
-from sslkit.models import mlp_head
-from sslkit.models.memory_bank import MemoryBank
+from sslkit.models import MemoryBank, mlp_head
 from sslkit.schedules import Schedules, tabulate
 
 
@@ -70,7 +69,8 @@ class SwAV(Method):
         self.queues = nn.ModuleList(
             [MemoryBank(m.queue_length, m.proj_output_dim, gather_distributed=True) for _ in range(2)]
         ) if m.queue_length else None
-        self.criterion = SwAVLoss(m.temperature, m.sinkhorn_iterations, m.sinkhorn_epsilon, m.gather_distributed)
+        self.criterion = SwAVLoss(temperature=m.temperature, sinkhorn_iterations=m.sinkhorn_iterations,
+                                  sinkhorn_epsilon=m.sinkhorn_epsilon, sinkhorn_gather_distributed=m.gather_distributed)
 
     def schedules(self, steps_per_epoch: int, total_steps: int) -> Schedules:
         m = self.config
@@ -96,7 +96,7 @@ class SwAV(Method):
         with torch.no_grad():
             if self.scheduled["queue_in_use"]:
                 own = slice(rank() * share, (rank() + 1) * share)
-                scores = [self.prototypes(queue.features[own]) for queue in self.queues]  # 2 x (share, K)
+                scores = [self.prototypes(queue.bank[own]) for queue in self.queues]  # 2 x (share, K)
             for queue, zi in zip(self.queues, z):
                 queue.enqueue(zi.detach())
         return scores
