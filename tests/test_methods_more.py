@@ -53,8 +53,8 @@ def test_swav_loss_rejects_a_single_crop():
         SwAVLoss()([torch.randn(4, 8)], [])
 
 
-SWAV = ["method={name: swav, proj_hidden_dim: 32, proj_output_dim: 16, prototypes: 24, queue_length: 48, "
-        "queue_start_epochs: 1}", "train.batch_size=16", "augment.local_crops=2", "augment.local_size=8"]
+SWAV = [("method={name: swav, proj_hidden_dim: 32, proj_output_dim: 16, prototypes: 24, queue_length: 48, "
+         "queue_start_epochs: 1}"), "train.batch_size=16", "augment.local_crops=2", "augment.local_size=8"]
 
 
 def test_swav_prototypes_frozen_first_epoch_and_normalised_after_each_step():
