@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import sslkit.distributed
 from sslkit.distributed import all_reduce_mean, all_reduce_sum, gather, rank, world_size
-from sslkit.losses import BarlowTwinsLoss, MoCoV3Loss, NTXentLoss, SwAVLoss, VICRegLoss, sinkhorn
+from sslkit.losses import BarlowTwinsLoss, MoCoV3Loss, NTXentLoss, SwAVLoss, VICRegLoss, sinkhorn_knopp_teacher
 from tests.conftest import run_gloo_workers
 
 WORLD = 2
@@ -58,7 +58,7 @@ def _work(r: int) -> dict:
         res[name] = {"loss": loss.detach(), "grad0": z0.grad, "grad1": z1.grad}
     res["bank"] = _bank_steps(lambda seed: _batch(seed)[r * N:(r + 1) * N])
     scores = [_batch(seed)[r * N:(r + 1) * N].float() for seed in (4, 5, 6)]  # 3 crops, D prototypes
-    res["sinkhorn"] = sinkhorn(scores[0], gather_distributed=True)
+    res["sinkhorn"] = sinkhorn_knopp_teacher(scores[0], 0.05, gather_distributed=True)
     res["swav"] = SwAVLoss(sinkhorn_gather_distributed=True)(scores[:2], scores[2:])
     return res
 
@@ -187,8 +187,8 @@ def test_sinkhorn_over_two_processes_equals_one(workers):
     """SwAV's codes with the Sinkhorn sums all-reduced: each process's rows of the codes one
     process computes over the whole batch; the loss averaged over processes is its loss."""
     whole = [_batch(seed).float() for seed in (4, 5, 6)]
-    torch.testing.assert_close(torch.cat([w["sinkhorn"] for w in workers]), sinkhorn(whole[0]))
-    local = sinkhorn(whole[0][:N])  # control: one process's rows alone get other codes
-    assert (local - sinkhorn(whole[0])[:N]).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat([w["sinkhorn"] for w in workers]), sinkhorn_knopp_teacher(whole[0], 0.05, gather_distributed=False))
+    local = sinkhorn_knopp_teacher(whole[0][:N], 0.05, gather_distributed=False)  # control: one process's rows alone get other codes
+    assert (local - sinkhorn_knopp_teacher(whole[0], 0.05, gather_distributed=False)[:N]).abs().max() > 1e-3
     mean = sum(w["swav"] for w in workers) / WORLD
     torch.testing.assert_close(mean, SwAVLoss()(whole[:2], whole[2:]))

@@ -14,7 +14,7 @@ from sslkit.losses.mocov3 import MoCoV3Loss
 from sslkit.losses.negative_cosine import NegativeCosineLoss, NegativeCosineSimilarity
 from sslkit.losses.ntxent import NTXentLoss
 from sslkit.losses.sinkhorn_knopp import sinkhorn_knopp_teacher
-from sslkit.losses.swav import SwAVLoss, sinkhorn
+from sslkit.losses.swav import SwaVLoss, SwAVLoss
 from sslkit.losses.vicreg import VICRegLoss
 
 __all__ = [
@@ -29,8 +29,8 @@ __all__ = [
     "NegativeCosineLoss",
     "NegativeCosineSimilarity",
     "SwAVLoss",
+    "SwaVLoss",
     "VICRegLoss",
     "sinkhorn_knopp_teacher",
-    "sinkhorn",
     "teacher_temperature",
 ]

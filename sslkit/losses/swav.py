@@ -12,38 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslkit.distributed import all_reduce_sum, world_size
-from sslkit.errors import UserError
-
-
-@torch.no_grad()
-def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05, gather_distributed: bool = False) -> Tensor:
-    """SwAV's codes: ``exp(scores / epsilon)`` made (approximately) doubly stochastic by
-    ``iterations`` rounds of Sinkhorn-Knopp, each prototype getting an equal share of the samples.
-
-    With ``gather_distributed`` the sums over samples (the total and each prototype's row sum)
-    are all-reduced with ``sslkit.distributed.all_reduce_sum``, so that P processes of N rows
-    get the codes one process would compute for their P * N rows (the official code's
-    ``distributed_sinkhorn``; every process must hold the same number of rows). The same
-    computation as lightly's ``sinkhorn``; no gradient.
-
-    Shapes: scores (N, K) similarities to the K prototypes -> codes (N, K), each row summing to 1.
-    """
-    processes = world_size() if gather_distributed else 1
-    q = torch.exp(scores.float() / epsilon).t()  # (K, N); float32: exp(1 / 0.05) overflows float16
-    total = q.sum()
-    if processes > 1:
-        all_reduce_sum(total)
-    q = q / total
-    samples = q.shape[1] * processes
-    for _ in range(iterations):
-        rows = q.sum(dim=1, keepdim=True)  # (K, 1): each prototype's mass over all samples
-        if processes > 1:
-            all_reduce_sum(rows)
-        # the official code also divides by K here, which the column step cancels
-        q = q / rows
-        q = q / q.sum(dim=0, keepdim=True) / samples  # each sample's column
-    return (q * samples).t().to(scores.dtype)
+from sslkit.distributed import check_gather
+from sslkit.errors import ArgumentError
+from sslkit.losses.sinkhorn_knopp import sinkhorn_knopp_teacher
 
 
 class SwAVLoss(nn.Module):
@@ -54,7 +25,7 @@ class SwAVLoss(nn.Module):
     The same call, defaults and value as lightly's ``SwaVLoss`` (``tests/test_methods_more.py``
     compares them, queue included), returned as a 0-d tensor (lightly's has shape (1,)). With
     ``sinkhorn_gather_distributed`` the Sinkhorn sums are all-reduced over processes (see
-    :func:`sinkhorn`): P processes of N rows then step as one process of P * N rows.
+    ``sinkhorn_knopp_teacher``): P processes of N rows then step as one process of P * N rows.
 
     Args:
         temperature: of the softmax over prototype scores (SwAV: 0.1).
@@ -82,8 +53,9 @@ class SwAVLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
                  sinkhorn_gather_distributed: bool = False) -> None:
         super().__init__()
+        check_gather(sinkhorn_gather_distributed, "SwAVLoss")
         if temperature <= 0 or sinkhorn_epsilon <= 0:
-            raise UserError(f"SwAVLoss needs temperature > 0 and sinkhorn_epsilon > 0, got {temperature} and "
+            raise ArgumentError(f"SwAVLoss needs temperature > 0 and sinkhorn_epsilon > 0, got {temperature} and "
                             f"{sinkhorn_epsilon}: set positive values")
         self.temperature = temperature
         self.sinkhorn_iterations = sinkhorn_iterations
@@ -98,7 +70,7 @@ class SwAVLoss(nn.Module):
                 queue_outputs: Optional[Sequence[Tensor]] = None) -> Tensor:
         crops = len(high_resolution_outputs) + len(low_resolution_outputs)
         if len(high_resolution_outputs) < 1 or crops < 2:
-            raise UserError(f"SwAVLoss needs a high-resolution crop and at least 2 crops, got "
+            raise ArgumentError(f"SwAVLoss needs a high-resolution crop and at least 2 crops, got "
                             f"{len(high_resolution_outputs)} and {crops}")
         loss = high_resolution_outputs[0].new_zeros(())
         for i, scores in enumerate(high_resolution_outputs):
@@ -106,8 +78,12 @@ class SwAVLoss(nn.Module):
                 scores = scores.detach()
                 if queue_outputs is not None:
                     scores = torch.cat([scores, queue_outputs[i].detach()])  # (N + Q, K)
-                codes = sinkhorn(scores, self.sinkhorn_iterations, self.sinkhorn_epsilon,
-                                 self.sinkhorn_gather_distributed)[: len(high_resolution_outputs[i])]  # (N, K)
+                codes = sinkhorn_knopp_teacher(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations,
+                                               gather_distributed=self.sinkhorn_gather_distributed)
+                codes = codes[: len(high_resolution_outputs[i])]  # (N, K)
             others = [s for v, s in enumerate(high_resolution_outputs) if v != i] + list(low_resolution_outputs)
             loss = loss + sum(self.subloss(s, codes) for s in others) / (crops - 1)
         return loss / len(high_resolution_outputs)
+
+
+SwaVLoss = SwAVLoss  # lightly's name
