@@ -117,6 +117,6 @@ def test_lightly_arguments_are_accepted_in_place(name):
         want = list(inspect.signature(getattr(theirs, method)).parameters.values())
         have = list(inspect.signature(getattr(ours, method)).parameters.values())[:len(want)]
         assert [p.name for p in have] == [p.name for p in want], method
-        for mine, theirs in zip(have, want):
-            if theirs.default is not theirs.empty:
-                assert mine.default == theirs.default, (method, theirs.name)
+        for mine, reference in zip(have, want):
+            if reference.default is not reference.empty:
+                assert mine.default == reference.default, (method, reference.name)
