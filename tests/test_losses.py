@@ -92,31 +92,3 @@ def test_memory_bank_is_saved_and_restored_with_the_loss():
 def test_memory_bank_bad_size_is_one_line(size):
     with pytest.raises(ValueError, match="MemoryBank"):
         NTXentLoss(memory_bank_size=size)
-
-
-# ---------------------------------------------------------------- lightly's arguments
-
-LIGHTLY_NAMES = {  # sslkit's name: lightly's
-    "NTXentLoss": "NTXentLoss", "DINOLoss": "DINOLoss", "BarlowTwinsLoss": "BarlowTwinsLoss", "VICRegLoss": "VICRegLoss",
-    "NegativeCosineSimilarity": "NegativeCosineSimilarity", "SwAVLoss": "SwaVLoss", "KoLeoLoss": "KoLeoLoss",
-    "IBOTPatchLoss": "IBOTPatchLoss",
-}
-
-
-@pytest.mark.parametrize("name", sorted(LIGHTLY_NAMES))
-def test_lightly_arguments_are_accepted_in_place(name):
-    """Each lightly parameter of the constructor and of forward is ours too, at the same
-    position with the same default (ours may have a default where lightly's has none):
-    `from lightly.loss import X` -> `from sslkit.losses import X`."""
-    import inspect
-
-    import sslkit.losses
-
-    theirs, ours = getattr(lightly.loss, LIGHTLY_NAMES[name]), getattr(sslkit.losses, name)
-    for method in ("__init__", "forward"):
-        want = list(inspect.signature(getattr(theirs, method)).parameters.values())
-        have = list(inspect.signature(getattr(ours, method)).parameters.values())[:len(want)]
-        assert [p.name for p in have] == [p.name for p in want], method
-        for mine, reference in zip(have, want):
-            if reference.default is not reference.empty:
-                assert mine.default == reference.default, (method, reference.name)

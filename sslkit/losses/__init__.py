@@ -1,8 +1,8 @@
 """Importable losses: plain ``nn.Module``s, distributed-correct, documented with shapes.
 
 Each loss lightly also has takes lightly's arguments and call, so ``from lightly.loss import X``
-becomes ``from sslkit.losses import X`` (lightly's own loss tests run against these in
-``tests/lightly_compat``; docs/from_lightly.md lists what is the same and what sslkit adds)."""
+becomes ``from sslkit.losses import X`` (each compared with lightly's class in
+``tests/test_lightly_compat.py``; docs/from_lightly.md lists what is the same and what sslkit adds)."""
 
 from sslkit.losses.barlow_twins import BarlowTwinsLoss
 from sslkit.losses.dino import DINOLoss, teacher_temperature

@@ -30,7 +30,7 @@ class DINOLoss(nn.Module):
     prototypes and the student's softmax, for every pair of a teacher view (the global crops)
     and a different student view (global and local crops).
 
-    lightly's arguments and call (its own tests run against it in ``tests/lightly_compat``).
+    lightly's arguments and call (compared with lightly's class in ``tests/test_lightly_compat.py``).
     Each call also moves the centre towards the mean of the teacher's outputs,
     ``center = m * center + (1 - m) * mean``; that mean is all-reduced over processes
     (``sslkit.distributed.all_reduce_mean``), so every process keeps the same centre as one

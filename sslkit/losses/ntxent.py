@@ -22,8 +22,8 @@ class NTXentLoss(nn.Module):
     the negatives are all other 2N - 2 samples (2 * world_size * N - 2 with gathering), or,
     with a memory bank, the bank's rows (MoCo's form).
 
-    The same loss, arguments and call as lightly's ``NTXentLoss`` (lightly's own tests run
-    against it in ``tests/lightly_compat``), computed without a host-device synchronisation:
+    The same loss, arguments and call as lightly's ``NTXentLoss`` (compared with lightly's
+    class in ``tests/test_lightly_compat.py``), computed without a host-device synchronisation:
     lightly removes each anchor's similarity with itself by boolean-mask indexing, whose output
     size the GPU must report back to the host every step, and builds its distributed mask on the
     CPU. Here one (2N, 2M) similarity matrix gets ``-inf`` on those entries instead, which
