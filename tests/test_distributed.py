@@ -151,7 +151,8 @@ def test_two_processes_equal_one(recipe, one, two, method):
     if method in ("dino", "ibot"):
         assert (one[method]["criterion.center"] != 0).any()  # the centre moved, and both runs agree on it
     if method == "ibot":
-        assert (one[method]["patch_criterion.center"] != 0).any()  # the patch centre too (masked rows of both processes)
+        # the patch centre too (the masked rows of both processes)
+        assert (one[method]["patch_criterion.center"] != 0).any()
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "mocov2"])

@@ -95,7 +95,8 @@ def exported(tmp_path_factory):
     recipe.write_text(yaml.safe_dump(TINY_RECIPE))
     runs = {}
     for name, overrides in RUNS.items():
-        done = run_sslkit_here("train", str(recipe), f"train.output_dir={root}", f"train.name={name}", *QUICK, *overrides)
+        done = run_sslkit_here("train", str(recipe), f"train.output_dir={root}", f"train.name={name}", *QUICK,
+                               *overrides)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = root / name
 

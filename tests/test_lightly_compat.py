@@ -17,9 +17,9 @@ import sslkit.losses
 
 # sslkit's name: lightly's
 LIGHTLY_NAMES = {
-    "NTXentLoss": "NTXentLoss", "DINOLoss": "DINOLoss", "BarlowTwinsLoss": "BarlowTwinsLoss", "VICRegLoss": "VICRegLoss",
-    "NegativeCosineSimilarity": "NegativeCosineSimilarity", "SwAVLoss": "SwaVLoss", "KoLeoLoss": "KoLeoLoss",
-    "IBOTPatchLoss": "IBOTPatchLoss",
+    "NTXentLoss": "NTXentLoss", "DINOLoss": "DINOLoss", "BarlowTwinsLoss": "BarlowTwinsLoss",
+    "VICRegLoss": "VICRegLoss", "NegativeCosineSimilarity": "NegativeCosineSimilarity", "SwAVLoss": "SwaVLoss",
+    "KoLeoLoss": "KoLeoLoss", "IBOTPatchLoss": "IBOTPatchLoss",
 }
 # each loss's flag that gathers over processes, by lightly's name for it
 GATHER_FLAGS = {"NTXentLoss": "gather_distributed", "BarlowTwinsLoss": "gather_distributed",
@@ -146,7 +146,8 @@ def test_barlow_twins_equals_lightly(lambda_param):
     torch.testing.assert_close(ours(z0, z1), lightly.loss.BarlowTwinsLoss(lambda_param=lambda_param)(z0, z1), rtol=1e-4,
                                atol=1e-5)
     assert sslkit.losses.BarlowTwinsLoss(redundancy_weight=lambda_param).lambda_param == lambda_param
-    torch.testing.assert_close(ours(z0, z0), ours(z0, 2 * z0 + 4), rtol=1e-4, atol=1e-5)  # affine invariant, as lightly's test has it
+    # affine invariant, as lightly's test has it
+    torch.testing.assert_close(ours(z0, z0), ours(z0, 2 * z0 + 4), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 32), (8, 16), (2, 10, 32)])  # (2, 10, 32): VICRegL's local features

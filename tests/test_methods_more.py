@@ -14,7 +14,8 @@ from sslkit.methods.nnclr import nearest_neighbours
 from tests.conftest import set_step
 from tests.test_methods import TINY
 
-B, D, L = 8, 16, 24  # batch, projection width, queue rows (a multiple of B: lightly's bank drops a wrapping batch's rest)
+# batch, projection width, queue rows (a multiple of B: lightly's bank drops a wrapping batch's rest)
+B, D, L = 8, 16, 24
 
 
 def _randn(*shape, seed=0):

@@ -46,7 +46,8 @@ def _mask(batch=4, side=4, seed=0):
 def test_ibot_patch_loss_equals_lightly(temp):
     mask = _mask()
     rows = int(mask.sum())
-    ours, ref = IBOTPatchLoss(output_dim=32, center_momentum=0.8), LightlyIBOTPatchLoss(output_dim=32, center_momentum=0.8)
+    ours = IBOTPatchLoss(output_dim=32, center_momentum=0.8)
+    ref = LightlyIBOTPatchLoss(output_dim=32, center_momentum=0.8)
     for step in range(3):  # the centre moves alike
         teacher, student = torch.randn(rows, 32), torch.randn(rows, 32)
         torch.testing.assert_close(ours(teacher, student, mask, teacher_temp=temp),

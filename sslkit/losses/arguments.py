@@ -18,8 +18,8 @@ def pick_name(owner: str, lightly: tuple[str, float, float], sslkit: tuple[str, 
     if sslkit_value is None:
         return lightly_value
     if lightly_value != default and lightly_value != sslkit_value:
-        raise ArgumentError(f"{owner} got {lightly_name}={lightly_value} and {sslkit_name}={sslkit_value}, two names of "
-                        "one parameter: give one of them")
+        raise ArgumentError(f"{owner} got {lightly_name}={lightly_value} and {sslkit_name}={sslkit_value}, two names "
+                            "of one parameter: give one of them")
     return sslkit_value
 
 

@@ -104,8 +104,8 @@ class DINOLoss(nn.Module):
     ) -> Tensor:
         if len(teacher_out) * len(student_out) - min(len(teacher_out), len(student_out)) == 0:
             raise ArgumentError(
-                f"DINOLoss needs at least two views in all to compare different views, got {len(teacher_out)} "
-                f"teacher and {len(student_out)} student view(s): pass the teacher's global views and the student's views"
+                f"DINOLoss needs at least two views in all to compare different views, got {len(teacher_out)} teacher "
+                f"and {len(student_out)} student view(s): pass the teacher's global views and the student's views"
             )
         if teacher_temp is None:
             warming = epoch is not None and epoch < self.warmup_teacher_temp_epochs

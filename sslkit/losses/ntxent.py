@@ -77,7 +77,7 @@ class NTXentLoss(nn.Module):
     ) -> None:
         super().__init__()
         if abs(temperature) < 1e-8:
-            raise ArgumentError(f"NTXentLoss needs |temperature| >= 1e-8, got {temperature}: set a temperature such as 0.5")
+            raise ArgumentError(f"NTXentLoss needs |temperature| >= 1e-8, got {temperature}: set one such as 0.5")
         check_gather(gather_distributed, "NTXentLoss")
         self.temperature = temperature
         self.gather_distributed = gather_distributed

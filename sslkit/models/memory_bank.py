@@ -62,11 +62,10 @@ class MemoryBank(nn.Module):
         feature_dim_first: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(size, bool):
+        pair = not isinstance(size, int)
+        if isinstance(size, bool) or (pair and (len(size) != 2 or dim is not None)):
             raise ArgumentError(f"MemoryBank size must be rows or (rows, dim), got {size}: pass e.g. (4096, 128)")
-        if not isinstance(size, int):
-            if len(size) != 2 or dim is not None:
-                raise ArgumentError(f"MemoryBank size must be rows or (rows, dim), got {tuple(size)}: pass e.g. (4096, 128)")
+        if pair:
             size, dim = size
         if size <= 0 or (dim is not None and dim <= 0):
             raise ArgumentError(f"MemoryBank needs rows > 0 and dim > 0, got rows={size}, dim={dim}")
