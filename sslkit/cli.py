@@ -1,4 +1,4 @@
-"""``sslkit train | eval knn|linear|fewshot | plot | export | embed``: the command line.
+"""``sslkit train | eval <protocol> | plot | export | embed``: the command line.
 
     sslkit train recipes/quickstart.yaml optim.lr=0.3 train.epochs=10
     sslkit train recipes/quickstart.yaml --num-processes 2      # launches through Accelerate
@@ -20,25 +20,21 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sslkit.config import Config, DataConfig, apply_override, config_from_dict, load_config
+from sslkit.config import Config, load_config
 from sslkit.data import item_keys, load_dataset
 from sslkit.embed import SUMMARY, check_embed_options, embed
 from sslkit.engine import train
-from sslkit.engine.checkpoint import load_feature_model
 from sslkit.engine.guards import parent_death_signal
 from sslkit.engine.run_dir import check_run_dir_free, run_path
 from sslkit.errors import UserError
-from sslkit.engine.trainer import create_accelerator, knn_monitor
-from sslkit.eval.clean import clean_batches, clean_features, clean_transform
-from sslkit.eval.fewshot import fewshot_eval
+from sslkit.eval.clean import clean_batches, clean_transform, evaluation_setup
 from sslkit.eval.knn import DEFAULT_CHUNK
-from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
+from sslkit.eval.protocols import PROTOCOLS, run_protocol
 from sslkit.export import FORMATS, export_run
 
 
@@ -77,71 +73,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation(
-    args: argparse.Namespace, options: Optional[dict[str, Any]] = None
-) -> tuple[Config, nn.Module, Accelerator]:
-    """The checkpoint's config and feature network, pointed at ``--data``: the options (as
-    ``section.key`` values) and the ``key=value`` overrides are validated as ``train``'s are."""
-    cfg, model = load_feature_model(args.checkpoint)
-    tree = cfg.to_dict()
-    if args.data is None:  # the run's labelled set: its eval.data, else its training data
-        tree["data"] = {**(tree["eval"]["data"] or tree["data"]), "train_limit": None, "test_limit": None}
-        if args.data_root is not None:
-            tree["data"]["root"] = args.data_root
-    else:
-        # --data is a data section of its own: the training data's shared keys (channels, image_size,
-        # workers, ...), not its source's own keys
-        shared = {key: tree["data"][key] for key in DataConfig.model_fields if key in tree["data"]}
-        tree["data"] = {**shared, "name": args.data, "root": args.data_root, "train_limit": None, "test_limit": None}
-    tree["eval"]["data"] = None  # the training run's limits do not apply; --bank-limit, --test-limit do (options)
-    args.data = tree["data"]["name"]
-    settings = dict(options or {})
-    for key, value in settings.items():
-        section, name = key.split(".")
-        tree[section][name] = value
-    for override in args.overrides:
-        apply_override(tree, override)
-    cfg = config_from_dict(tree)
-    accelerator = create_accelerator(cfg.train)
-    return cfg, model.to(accelerator.device), accelerator
+# The options every `eval <protocol>` has; the rest are the protocol's own (its run's keywords).
+_EVAL_COMMON = {"command", "protocol", "func", "checkpoint", "data", "data_root", "bank_limit", "test_limit",
+                "output", "overrides"}
 
 
-def _limits(args: argparse.Namespace) -> dict[str, Any]:
-    return {"eval.bank_limit": args.bank_limit, "eval.test_limit": args.test_limit}
+def _evaluation(args: argparse.Namespace) -> tuple[Config, nn.Module, Accelerator]:
+    """:func:`evaluation_setup` from the command's options; ``args.data`` becomes the data's name."""
+    cfg, model, accelerator = evaluation_setup(
+        args.checkpoint, args.data, args.data_root, overrides=args.overrides,
+        settings={"eval.bank_limit": getattr(args, "bank_limit", None),
+                  "eval.test_limit": getattr(args, "test_limit", None)},
+    )
+    args.data = cfg.data.name
+    return cfg, model, accelerator
 
 
-def _report(args: argparse.Namespace, accelerator: Accelerator, protocol: str, result: dict, line: str) -> None:
-    out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), f"{protocol}_{args.data}")
+def _eval(args: argparse.Namespace) -> int:
+    """``sslkit eval <protocol>``: run it, write its JSON (and figure), print its line."""
+    protocol = PROTOCOLS.get(args.protocol)
+    options = {key: value for key, value in vars(args).items() if key not in _EVAL_COMMON}
+    cfg, model, accelerator = _evaluation(args)
+    result = run_protocol(args.protocol, cfg, model, accelerator, **options)
+    out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), f"{args.protocol}_{args.data}")
     if accelerator.is_main_process:
         out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **result}, indent=2) + "\n")
-        print(f"{protocol} on {args.data}: {line}  -> {out}")
-
-
-def _eval_knn(args: argparse.Namespace) -> int:
-    options = {**_limits(args), "eval.knn_ks": args.ks, **({"eval.knn_k": args.k} if args.k is not None else {}),
-               **({"eval.knn_temperature": args.temperature} if args.temperature is not None else {})}
-    cfg, model, accelerator = _evaluation(args, options)
-    scores = knn_monitor(cfg, accelerator)(model, accelerator)
-    result = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, **scores}
-    _report(args, accelerator, "knn", result, f"top-1 {scores['knn_top1']:.4f}  top-5 {scores['knn_top5']:.4f}")
-    return 0
-
-
-def _eval_linear(args: argparse.Namespace) -> int:
-    cfg, model, accelerator = _evaluation(args, _limits(args))
-    train_f, train_l, test_f, test_l, classes = clean_features(cfg, model, accelerator)
-    result = train_linear_probes(train_f, train_l, test_f, test_l, classes, lrs=args.lrs, epochs=args.epochs)
-    _report(args, accelerator, "linear", result,
-            f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f} (best lr {result['best_lr']:g})")
-    return 0
-
-
-def _eval_fewshot(args: argparse.Namespace) -> int:
-    cfg, model, accelerator = _evaluation(args, _limits(args))
-    train_f, train_l, test_f, test_l, classes = clean_features(cfg, model, accelerator)
-    result = fewshot_eval(train_f, train_l, test_f, test_l, classes, shots=args.shots, seeds=args.seeds)
-    line = "  ".join(f"{n}-shot {r['mean_top1']:.4f} +- {r['std_top1']:.4f}" for n, r in result.items())
-    _report(args, accelerator, "fewshot", result, line)
+        figure = f", {protocol.plot(result, out.with_suffix('.png'))}" if protocol.plot is not None else ""
+        print(f"{args.protocol} on {args.data}: {protocol.summary(result)}  -> {out}{figure}")
     return 0
 
 
@@ -202,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="protocol", required=True)
 
-    def protocol(name: str, help: str, func) -> argparse.ArgumentParser:
+    def protocol(name: str, help: str, func=_eval) -> argparse.ArgumentParser:
         p = ev.add_parser(name, help=help)
         p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
         p.add_argument("--data", default=None,
@@ -215,17 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    k = protocol("knn", "k-NN top-1/top-5 on clean features", _eval_knn)
-    k.add_argument("--k", type=int, default=None, help="neighbours (default: the recipe's eval.knn_k)")
-    k.add_argument("--ks", type=int, nargs="*", default=[], help="more k from the same search, e.g. --ks 10 100 200")
-    k.add_argument("--temperature", type=float, default=None, help="default: the recipe's eval.knn_temperature")
-    lin = protocol("linear", "linear probe on cached frozen features, several learning rates in one pass",
-                   _eval_linear)
-    lin.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="one head per learning rate")
-    lin.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    few = protocol("fewshot", "N-shot linear probes over several seeds (mean and std)", _eval_fewshot)
-    few.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="labelled images per class")
-    few.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for name in PROTOCOLS.names():
+        PROTOCOLS.get(name).arguments(protocol(name, PROTOCOLS.get(name).help))
 
     pl = sub.add_parser("plot", help="PNG curves of a run and a 2-D map of its test features")
     pl.add_argument("run_dir", help="runs/<name>")

@@ -8,16 +8,71 @@ normalised, every sample seen once across processes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from accelerate import Accelerator
 from torch import Tensor, nn
 
 from sslkit.augment import eval_transform
-from sslkit.config import Config, DataConfig
+from sslkit.config import Config, DataConfig, apply_override, config_from_dict
 from sslkit.data import Batches, load_dataset, make_batches
+from sslkit.engine.checkpoint import load_feature_model
 from sslkit.errors import UserError
 from sslkit.eval.features import extract_features
+
+
+class CleanFeatures(NamedTuple):
+    """Frozen features of both splits of the evaluation data, gathered over processes."""
+
+    train: Tensor  # (N, D) float32
+    train_labels: Tensor  # (N,) int64
+    test: Tensor  # (Q, D) float32
+    test_labels: Tensor  # (Q,) int64
+    num_classes: int
+
+
+def evaluation_setup(
+    checkpoint: str | Path,
+    data: Optional[str] = None,
+    data_root: Optional[str] = None,
+    settings: Optional[dict[str, Any]] = None,
+    overrides: Sequence[str] = (),
+) -> tuple[Config, nn.Module, Accelerator]:
+    """The checkpoint's config and feature network, pointed at the data to evaluate on.
+
+    Args:
+        checkpoint: a checkpoint directory or a ``backbone.safetensors``.
+        data: a dataset name (a data section of its own: the training data's shared keys such as
+            channels and image_size, not its source's own keys); None: the run's ``eval.data``,
+            else its training data.
+        data_root: where that dataset lives.
+        settings: ``{"section.key": value}`` set before the overrides (e.g. ``eval.bank_limit``).
+        overrides: ``section.key=value`` strings, validated as ``train``'s are.
+
+    Returns:
+        (config, feature network on the accelerator's device, accelerator).
+    """
+    from sslkit.engine.trainer import create_accelerator  # the trainer imports this module
+
+    cfg, model = load_feature_model(checkpoint)
+    tree = cfg.to_dict()
+    if data is None:
+        tree["data"] = {**(tree["eval"]["data"] or tree["data"]), "train_limit": None, "test_limit": None}
+        if data_root is not None:
+            tree["data"]["root"] = data_root
+    else:
+        shared = {key: tree["data"][key] for key in DataConfig.model_fields if key in tree["data"]}
+        tree["data"] = {**shared, "name": data, "root": data_root, "train_limit": None, "test_limit": None}
+    tree["eval"]["data"] = None  # the training run's limits do not apply; eval.bank_limit/test_limit do
+    for key, value in (settings or {}).items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    for override in overrides:
+        apply_override(tree, override)
+    cfg = config_from_dict(tree)
+    accelerator = create_accelerator(cfg.train)
+    return cfg, model.to(accelerator.device), accelerator
 
 
 def eval_data(cfg: Config) -> DataConfig:
@@ -70,10 +125,10 @@ def clean_transform(cfg: Config) -> Callable[[Tensor, Optional[Tensor]], Tensor]
 
 def clean_features(
     cfg: Config, model: nn.Module, accelerator: Accelerator, bank: Optional[Any] = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """Features of both splits, gathered: (train (N, D), train labels, test (Q, D), test labels, classes)."""
+) -> CleanFeatures:
+    """Features of both splits, gathered on every process."""
     train, test = clean_splits(cfg, bank)
     transform = clean_transform(cfg)
     train_f, train_l = extract_features(model, clean_batches(cfg, accelerator, train), transform, accelerator)
     test_f, test_l = extract_features(model, clean_batches(cfg, accelerator, test), transform, accelerator)
-    return train_f, train_l, test_f, test_l, train.num_classes
+    return CleanFeatures(train_f, train_l, test_f, test_l, train.num_classes)
