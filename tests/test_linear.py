@@ -154,7 +154,7 @@ def test_fewshot_indices_balanced_and_seeded() -> None:
 
 def test_fewshot_indices_errors_on_short_classes() -> None:
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
-    with pytest.raises(UserError, match="class 2 has 3 samples, fewer than the 4 shots"):
+    with pytest.raises(UserError, match="class 2 has 3 samples, fewer than the 4 asked for"):
         fewshot_indices(labels, 4, seed=0)
     with pytest.raises(UserError, match="class 3 has 0 samples"):  # absent, but num_classes says it exists
         fewshot_indices(labels, 1, seed=0, num_classes=4)

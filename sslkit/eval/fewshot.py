@@ -19,13 +19,13 @@ N-shot protocol with a fixed lr (the validation set is then unused but still dra
 from __future__ import annotations
 
 import statistics
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from sslkit.errors import UserError
-from sslkit.eval.linear import DEFAULT_LRS, fit_linear_heads, heads_accuracy, standardize
+from sslkit.eval.linear import DEFAULT_LRS, fit_linear_heads, heads_accuracy, standardize, train_linear_probes
 
 # Full-batch steps for the N-shot subsets (see the module docstring).
 FEWSHOT_EPOCHS = 300
@@ -45,17 +45,49 @@ def fewshot_indices(labels: Tensor, shots: int, seed: int, num_classes: int | No
         (num_classes * shots,) int64 indices into ``labels``, sorted.
 
     Raises:
-        ValueError: a class has fewer than ``shots`` samples.
+        UserError: a class has fewer than ``shots`` samples.
     """
+    return _draw_per_class(labels, lambda n_c: shots, seed, num_classes)
+
+
+def balanced_indices(labels: Tensor, fraction: float, seed: int, num_classes: int | None = None) -> Tensor:
+    """A class-balanced ``fraction`` of the samples: round(fraction * n_c), at least 1, of each class.
+
+    The semi-supervised protocol of SimCLR (Chen et al., ICML 2020) and BYOL (Grill et al.,
+    NeurIPS 2020): 1% or 10% of the ImageNet labels, the same share of every class. The same
+    seed gives the same subset; the subset of a class is a prefix of one seeded permutation, so
+    a smaller fraction's subset is contained in a larger one's (same seed).
+
+    Args:
+        labels: (N,) int labels.
+        fraction: in (0, 1].
+        seed, num_classes: as in :func:`fewshot_indices`.
+
+    Returns:
+        (M,) int64 indices into ``labels``, sorted.
+    """
+    check_fraction(fraction)
+    return _draw_per_class(labels, lambda n_c: max(1, round(fraction * n_c)), seed, num_classes)
+
+
+def check_fraction(fraction: float) -> None:
+    """A label fraction outside (0, 1] is a user error."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"label fraction {fraction:g} is out of range: give a fraction in (0, 1], e.g. 0.01 or 0.1")
+
+
+def _draw_per_class(labels: Tensor, count: Callable[[int], int], seed: int, num_classes: int | None) -> Tensor:
+    """``count(n_c)`` samples of each class c (n_c of them in ``labels``), seeded, sorted."""
     labels = labels.cpu().long()
     classes = range(num_classes) if num_classes is not None else labels.unique().tolist()
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for c in classes:
         members = (labels == c).nonzero().flatten()  # (n_c,)
-        if members.numel() < shots:
-            raise UserError(f"class {c} has {members.numel()} samples, fewer than the {shots} shots asked for")
-        picked.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
+        wanted = count(members.numel())
+        if members.numel() < wanted or members.numel() == 0:
+            raise UserError(f"class {c} has {members.numel()} samples, fewer than the {max(wanted, 1)} asked for")
+        picked.append(members[torch.randperm(members.numel(), generator=generator)[:wanted]])
     return torch.cat(picked).sort().values
 
 
@@ -110,7 +142,46 @@ def fewshot_eval(
             best = int(val_top1.argmax())
             runs.append({"seed": seed, "lr": lrs[best], "val_top1": float(val_top1[best]),
                          "top1": float(top1[best]), "top5": float(top5[best])})
-        top1s = [r["top1"] for r in runs]
-        results[n] = {"mean_top1": statistics.fmean(top1s),
-                      "std_top1": statistics.stdev(top1s) if len(top1s) > 1 else 0.0, "runs": runs}
+        results[n] = mean_and_spread(runs)
     return results
+
+
+def fraction_linear_eval(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    fractions: Sequence[float] = (0.01, 0.1),
+    seeds: Sequence[int] = (0, 1, 2),
+    **probe_kwargs: Any,
+) -> dict:
+    """Linear probes trained on class-balanced ``fractions`` of the train labels, one draw per seed.
+
+    The semi-supervised protocol of SimCLR and BYOL (:func:`balanced_indices`) with a frozen
+    backbone. The features are standardised with the whole train split (that needs no labels),
+    as for few-shot probes; each draw's lr is chosen on the test split, as for the full probe
+    (:func:`~sslkit.eval.linear.train_linear_probes`, which ``probe_kwargs`` go to).
+
+    Returns:
+        ``{fraction: {"mean_top1", "std_top1", "runs": [{"seed", "images", "top1", "top5", "best_lr"}, ...]}}``.
+    """
+    train_feats, test_feats = standardize(train_feats, train_feats, test_feats)  # (N, D), (Q, D)
+    results = {}
+    for fraction in fractions:
+        runs = []
+        for seed in seeds:
+            idx = balanced_indices(train_labels, fraction, seed, num_classes).to(train_feats.device)  # (M,)
+            r = train_linear_probes(train_feats[idx], train_labels[idx], test_feats, test_labels, num_classes,
+                                    normalize=False, seed=seed, **probe_kwargs)
+            runs.append({"seed": seed, "images": idx.numel(), "top1": r["top1"], "top5": r["top5"],
+                         "best_lr": r["best_lr"]})
+        results[fraction] = mean_and_spread(runs)
+    return results
+
+
+def mean_and_spread(runs: list[dict]) -> dict:
+    """``{"mean_top1", "std_top1" (sample std over runs; 0.0 for one), "runs"}`` of runs with a ``top1``."""
+    top1s = [r["top1"] for r in runs]
+    return {"mean_top1": statistics.fmean(top1s), "std_top1": statistics.stdev(top1s) if len(top1s) > 1 else 0.0,
+            "runs": runs}

@@ -40,7 +40,7 @@ def embedding_std(z: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def effective_rank(z: Tensor, eps: float = 1e-12) -> Tensor:
+def effective_rank(z: Tensor, eps: float = 1e-12, center: bool = True) -> Tensor:
     """exp(entropy of the normalised singular values) of the centred batch (Roy & Vetterli 2007).
 
     With singular values s of ``z - z.mean(0)`` and p = s / sum(s), the result is
@@ -49,6 +49,7 @@ def effective_rank(z: Tensor, eps: float = 1e-12) -> Tensor:
     Args:
         z: (B, D) embeddings, B >= 2; any dtype (computed in float32).
         eps: floor of sum(s), against division by zero.
+        center: subtract the batch mean first (False: the singular values of ``z`` itself, RankMe's).
 
     Singular values at the level of float32 rounding noise count as zero.
 
@@ -57,7 +58,7 @@ def effective_rank(z: Tensor, eps: float = 1e-12) -> Tensor:
     """
     _check_batch(z)
     z = z.float()
-    s = torch.linalg.svdvals(z - z.mean(dim=0))  # (min(B, D),)
+    s = torch.linalg.svdvals(z - z.mean(dim=0) if center else z)  # (min(B, D),)
     # Centring a constant batch leaves float32 rounding noise whose spectrum would count as
     # rank; drop singular values below that noise (a bound on its norm, as matrix_rank does).
     noise = max(z.shape) * torch.finfo(torch.float32).eps * torch.linalg.vector_norm(z)
@@ -66,6 +67,20 @@ def effective_rank(z: Tensor, eps: float = 1e-12) -> Tensor:
     p = s / total.clamp_min(eps)
     rank = torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0 log 0 = 0
     return torch.where(total > 0, rank, torch.zeros_like(rank))
+
+
+@torch.no_grad()
+def rankme(z: Tensor) -> float:
+    """RankMe of (N, D) embeddings (Garrido et al., "RankMe: Assessing the downstream performance of
+    pretrained self-supervised representations by their rank", ICML 2023): the effective rank of
+    the embeddings themselves, not centred. Label-free; higher tends to mean better downstream
+    accuracy for one method across its hyper-parameters.
+
+    The paper adds 1e-7 to each p_k against log 0; here 0 log 0 = 0 instead, and singular values
+    at float32 noise level count as zero (:func:`effective_rank`), which differ from the paper's
+    by less than min(N, D) x 1e-7 relative.
+    """
+    return float(effective_rank(z, center=False))
 
 
 class CollapseMonitor:

@@ -23,8 +23,9 @@ from torch import nn
 
 from sslkit.config import Config, config_from_dict
 from sslkit.eval.clean import CleanFeatures, clean_features
-from sslkit.eval.fewshot import fewshot_eval
+from sslkit.eval.fewshot import check_fraction, fewshot_eval, fraction_linear_eval
 from sslkit.eval.knn import knn_accuracy, knn_scores_multi
+from sslkit.eval.knn_linear import knn_linear_eval
 from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
 from sslkit.registry import Registry
 
@@ -126,21 +127,54 @@ def knn_protocol(
 def _linear_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS), help="one head per learning rate")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--with-knn", action="store_true",
+                   help="also k-NN and the two interpolated, lambda chosen on a validation split of the train split")
+    p.add_argument("--label-fraction", dest="label_fractions", type=float, nargs="+", default=[], metavar="F",
+                   help="also probes on class-balanced fractions of the train labels, e.g. 0.01 0.1")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one draw per seed (--label-fraction)")
+
+
+def _linear_summary(r: dict) -> str:
+    line = f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f} (best lr {r['best_lr']:g})"
+    if "knn_linear" in r:
+        m = r["knn_linear"]
+        line += f"  k-NN {m['knn_top1']:.4f}  k-NN+linear {m['top1']:.4f} (lambda {m['lambda']:g})"
+    return line + "".join(f"  {f:g} of labels {x['mean_top1']:.4f} +- {x['std_top1']:.4f}"
+                          for f, x in r.get("label_fractions", {}).items())
+
+
+def _linear_headline(r: dict) -> dict[str, float]:
+    out = {"linear": r["top1"]}
+    if "knn_linear" in r:
+        out["knn+linear"] = r["knn_linear"]["top1"]
+    out.update({f"linear {100 * f:g}%": x["mean_top1"] for f, x in r.get("label_fractions", {}).items()})
+    return out
 
 
 @register_protocol(
     "linear", "linear probe on cached frozen features, several learning rates in one pass",
-    summary=lambda r: f"top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f} (best lr {r['best_lr']:g})",
-    headline=lambda r: {"linear": r["top1"]},
-    arguments=_linear_arguments, shared_features=True,
+    summary=_linear_summary, headline=_linear_headline, arguments=_linear_arguments, shared_features=True,
 )
 def linear_protocol(
     cfg: Config, model: nn.Module, accelerator: Accelerator, features: CleanFeatures,
-    lrs: Sequence[float] = DEFAULT_LRS, epochs: int = DEFAULT_EPOCHS,
+    lrs: Sequence[float] = DEFAULT_LRS, epochs: int = DEFAULT_EPOCHS, with_knn: bool = False,
+    label_fractions: Sequence[float] = (), seeds: Sequence[int] = (0, 1, 2),
 ) -> dict:
-    """:func:`~sslkit.eval.linear.train_linear_probes` on the clean features."""
+    """:func:`~sslkit.eval.linear.train_linear_probes` on the clean features; with ``with_knn`` also
+    :func:`~sslkit.eval.knn_linear.knn_linear_eval` (key ``knn_linear``, the recipe's k-NN settings);
+    with ``label_fractions`` the probes on class-balanced subsets, one per seed (key ``label_fractions``)."""
     f = features
-    return train_linear_probes(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, lrs=lrs, epochs=epochs)
+    for fraction in label_fractions:
+        check_fraction(fraction)  # before the slow part
+    result = train_linear_probes(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, lrs=lrs,
+                                 epochs=epochs)
+    if with_knn:
+        result["knn_linear"] = knn_linear_eval(f.train, f.train_labels, f.test, f.test_labels, f.num_classes,
+                                               cfg.eval.knn_k, cfg.eval.knn_temperature, lrs, epochs)
+    if label_fractions:
+        result["label_fractions"] = fraction_linear_eval(f.train, f.train_labels, f.test, f.test_labels,
+                                                         f.num_classes, label_fractions, seeds, lrs=lrs, epochs=epochs)
+    return result
 
 
 # --- few-shot ---------------------------------------------------------------------------------
