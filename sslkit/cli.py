@@ -94,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
     protocol = PROTOCOLS.get(args.protocol)
     options = {key: value for key, value in vars(args).items() if key not in _EVAL_COMMON}
     cfg, model, accelerator = _evaluation(args)
-    result = run_protocol(args.protocol, cfg, model, accelerator, **options)
+    result = run_protocol(args.protocol, cfg, model, accelerator, checkpoint=args.checkpoint, **options)
     out = Path(args.output) if args.output else _default_output(Path(args.checkpoint), f"{args.protocol}_{args.data}")
     if accelerator.is_main_process:
         out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **result}, indent=2) + "\n")

@@ -151,3 +151,21 @@ def _save(fig: Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def plot_layers(result: dict[str, Any], out: Path) -> Path:
+    """Linear-probe and k-NN top-1 by depth, from ``sslkit eval layers``'s result -> ``out``."""
+    layers = result["layers"]
+    names = [f"{x['layer']}\n({x['dim']})" for x in layers]
+    fig = Figure(figsize=(max(5.0, 0.9 * len(layers) + 2), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, label in (("linear_top1", "linear probe"), ("knn_top1", "k-NN")):
+        ax.plot(range(len(layers)), [x[key] for x in layers], marker="o", label=label)
+    ax.set_xticks(range(len(layers)), names, fontsize="small")
+    ax.set_ylabel("test top-1")
+    ax.set_xlabel("layer (feature dimensions)")
+    ax.set_title("accuracy by depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, out)

@@ -114,7 +114,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_recipe, tmp_path):
     assert last.name.endswith(f"_step_{stopped['step']:08d}")  # saved at the step it stopped
     assert stopped["step"] < 20 * 16
     assert not (tmp_path / "run" / "backbone.safetensors").exists()  # not finished, so not exported
-    resumed = load_config(tmp_path / "run" / "config.yaml", ["resume=true", "train.max_steps=" + str(stopped["step"] + 2)])
+    resumed = load_config(tmp_path / "run" / "config.yaml",
+                          ["resume=true", "train.max_steps=" + str(stopped["step"] + 2)])
     assert train(resumed)["loss"] > 0  # it continues from there
 
 

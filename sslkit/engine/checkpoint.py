@@ -24,6 +24,7 @@ import shutil
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from accelerate import Accelerator
@@ -212,21 +213,39 @@ def export_backbone(method: Method, cfg: Config, path: Path) -> None:
     save_file(state, str(path), metadata={CONFIG_KEY: yaml.safe_dump(cfg.to_dict())})
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint directory (a backbone file is not)."""
+    return path.is_dir() and any((path / name).is_file() for name in ("model.safetensors", MANIFEST))
+
+
+def load_method(ckpt_dir: Path) -> tuple[Config, Method]:
+    """The whole method (heads, teacher) of a checkpoint directory, verified first."""
+    try:
+        verify_checkpoint(ckpt_dir.resolve())  # named as the directory 'last' points to
+    except DamagedCheckpointError as err:
+        raise DamagedCheckpointError(
+            f"{err}. Evaluate another checkpoint of the run (its checkpoints/ folder keeps the previous ones) "
+            "or its backbone.safetensors") from None
+    cfg = load_config(ckpt_dir / "config.yaml")
+    state = load_file(str(ckpt_dir / "model.safetensors"))
+    probe = state.get("online_probe.weight")  # (C, D) when the run trained an online probe
+    method = create_method(cfg, None if probe is None else probe.shape[0])
+    method.load_state_dict(state)
+    return cfg, method
+
+
+def load_feature_projection(path: str | Path) -> Optional[nn.Module]:
+    """The projection head after the feature network of a checkpoint directory; None for an
+    exported backbone file (it holds the feature network only) or a method without a head."""
+    path = Path(path)
+    return load_method(path)[1].feature_projection() if is_checkpoint_dir(path) else None
+
+
 def load_feature_model(path: str | Path) -> tuple[Config, nn.Module]:
     """The k-NN feature network of a checkpoint directory or an exported backbone file."""
     path = Path(path)
-    if path.is_dir() and any((path / name).is_file() for name in ("model.safetensors", MANIFEST)):
-        try:
-            verify_checkpoint(path.resolve())  # named as the directory 'last' points to
-        except DamagedCheckpointError as err:
-            raise DamagedCheckpointError(
-                f"{err}. Evaluate another checkpoint of the run (its checkpoints/ folder keeps the previous ones) "
-                "or its backbone.safetensors") from None
-        cfg = load_config(path / "config.yaml")
-        state = load_file(str(path / "model.safetensors"))
-        probe = state.get("online_probe.weight")  # (C, D) when the run trained an online probe
-        method = create_method(cfg, None if probe is None else probe.shape[0])
-        method.load_state_dict(state)
+    if is_checkpoint_dir(path):
+        cfg, method = load_method(path)
         return cfg, method.feature_model()
     if path.is_file() and path.suffix == ".safetensors":
         try:

@@ -44,6 +44,8 @@ class Protocol:
         arguments: adds the protocol's own options to its parser; their ``dest`` names are
             ``run``'s keyword arguments.
         shared_features: ``run`` reads only the clean features of both splits.
+        needs_checkpoint: ``run`` takes ``checkpoint`` (the path), for what the feature network
+            alone does not hold (the projection head).
         plot: (result, PNG path) -> writes the protocol's figure, for protocols that have one.
     """
 
@@ -53,6 +55,7 @@ class Protocol:
     headline: Callable[[dict], dict[str, float]]
     arguments: Callable[[argparse.ArgumentParser], None]
     shared_features: bool = False
+    needs_checkpoint: bool = False
     plot: Optional[Callable[[dict, Path], Path]] = None
 
 
@@ -66,12 +69,14 @@ def register_protocol(
     headline: Callable[[dict], dict[str, float]],
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
     shared_features: bool = False,
+    needs_checkpoint: bool = False,
     plot: Optional[Callable[[dict, Path], Path]] = None,
 ) -> Callable[[Run], Run]:
     """Decorator: register ``run`` as protocol ``name`` (the attributes of :class:`Protocol`)."""
 
     def add(run: Run) -> Run:
-        PROTOCOLS.register(name)(Protocol(run, help, summary, headline, arguments, shared_features, plot))
+        PROTOCOLS.register(name)(Protocol(run, help, summary, headline, arguments, shared_features, needs_checkpoint,
+                                          plot))
         return run
 
     return add
@@ -79,10 +84,13 @@ def register_protocol(
 
 def run_protocol(
     name: str, cfg: Config, model: nn.Module, accelerator: Accelerator,
-    features: Optional[CleanFeatures] = None, **options: Any,
+    features: Optional[CleanFeatures] = None, checkpoint: Optional[str | Path] = None, **options: Any,
 ) -> dict:
-    """Run protocol ``name``; a shared-features protocol embeds both splits when not given them."""
+    """Run protocol ``name``; a shared-features protocol embeds both splits when not given them,
+    ``checkpoint`` goes to the protocols that need it."""
     protocol = PROTOCOLS.get(name)
+    if protocol.needs_checkpoint:
+        options["checkpoint"] = checkpoint
     if protocol.shared_features:
         features = features if features is not None else clean_features(cfg, model, accelerator)
         return protocol.run(cfg, model, accelerator, features=features, **options)
@@ -198,3 +206,5 @@ def fewshot_protocol(
     """:func:`~sslkit.eval.fewshot.fewshot_eval` on the clean features."""
     f = features
     return fewshot_eval(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, shots=shots, seeds=seeds)
+from sslkit.eval import layers  # noqa: E402,F401  (registers "layers")
+from sslkit.eval import moments  # noqa: E402,F401  (registers "moments")

@@ -77,6 +77,11 @@ class Method(nn.Module):
         """The network whose features k-NN evaluates (a momentum method returns its teacher)."""
         return self.backbone
 
+    def feature_projection(self) -> Optional[nn.Module]:
+        """The projection head applied to ``feature_model()``'s output, or None for a method without
+        one (MAE, I-JEPA): the representation after the head, for per-layer probes."""
+        return getattr(self, "projection_head", None)
+
     def compile_targets(self) -> list[nn.Module]:
         """The networks ``train.compile`` compiles: those that do most of the step's work."""
         return [self.backbone]

@@ -96,3 +96,6 @@ class DINO(MomentumMethod):
 
     def feature_model(self) -> nn.Module:
         return self.teacher.module[0]
+
+    def feature_projection(self) -> Optional[nn.Module]:
+        return self.teacher.module[1]

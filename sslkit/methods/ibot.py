@@ -83,6 +83,9 @@ class IBOT(DINO):
             m.proj_batch_norm, m.norm_last_layer)
         return IBOTHeads(super().make_head(), patch)
 
+    def feature_projection(self) -> Optional[nn.Module]:
+        return self.teacher.module[1].dino  # the class-token head
+
     def compile_targets(self) -> list[nn.Module]:
         # the ViTs run through encode_masked, not their forward: compile their blocks
         return [self.backbone.blocks, self.teacher.module[0].blocks]

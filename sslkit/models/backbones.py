@@ -45,9 +45,19 @@ class TinyCNN(nn.Module):
             ]
         self.features = nn.Sequential(*layers)
         self.num_features = widths[-1]
+        # timm's interface, so per-layer probes and moment probing treat it as a timm CNN: the
+        # output of each block's ReLU, and the unpooled map followed by its pooling.
+        self.feature_info = [{"module": f"features.{3 * i + 2}", "num_chs": c, "reduction": 2 ** i}
+                             for i, c in enumerate(widths)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 8 * width, h, w)
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:  # (B, C, h, w) -> (B, C)
+        return x.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 8 * width)
-        return self.features(x).mean(dim=(2, 3))
+        return self.forward_head(self.forward_features(x))
 
 
 @BACKBONES.register("tiny_cnn")
