@@ -35,6 +35,7 @@ from sslkit.errors import UserError
 from sslkit.eval.clean import clean_batches, clean_transform, evaluation_setup
 from sslkit.eval.knn import DEFAULT_CHUNK
 from sslkit.eval.protocols import PROTOCOLS, run_protocol
+from sslkit.eval.suite import DEFAULT_PROTOCOLS, run_suite
 from sslkit.export import FORMATS, export_run
 
 
@@ -100,6 +101,15 @@ def _eval(args: argparse.Namespace) -> int:
         out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **result}, indent=2) + "\n")
         figure = f", {protocol.plot(result, out.with_suffix('.png'))}" if protocol.plot is not None else ""
         print(f"{args.protocol} on {args.data}: {protocol.summary(result)}  -> {out}{figure}")
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    report = run_suite(args.checkpoint, args.data, args.protocols, args.output,
+                       {"eval.bank_limit": args.bank_limit, "eval.test_limit": args.test_limit}, args.overrides)
+    if report.get("files"):
+        print(f"suite: {len(report['datasets'])} dataset(s), {len(report['skipped'])} skipped -> "
+              f"{', '.join(report['files'])}")
     return 0
 
 
@@ -175,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in PROTOCOLS.names():
         PROTOCOLS.get(name).arguments(protocol(name, PROTOCOLS.get(name).help))
+
+    su = ev.add_parser("suite", help="several protocols on several datasets: report.md, report.json, report.png")
+    su.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
+    su.add_argument("--data", nargs="+", required=True, metavar="NAME[:ROOT]",
+                    help="datasets, e.g. fashion_mnist cifar10 image_folder:/data/pets (those not found are skipped)")
+    su.add_argument("--protocols", nargs="+", default=list(DEFAULT_PROTOCOLS), choices=PROTOCOLS.names(),
+                    help="run with their defaults (default: %(default)s)")
+    su.add_argument("--bank-limit", type=int, default=None, help="use only the first N training images")
+    su.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    su.add_argument("--output", default=None, help="folder (default: suite/ beside the checkpoint)")
+    su.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.image_size=32")
+    su.set_defaults(func=_suite)
 
     pl = sub.add_parser("plot", help="PNG curves of a run and a 2-D map of its test features")
     pl.add_argument("run_dir", help="runs/<name>")

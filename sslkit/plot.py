@@ -169,3 +169,23 @@ def plot_layers(result: dict[str, Any], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, out)
+
+
+def plot_suite(table: dict[str, dict[str, float]], out: Path) -> Path:
+    """Grouped bars of ``sslkit eval suite``'s accuracies, one group per dataset -> ``out``."""
+    columns = list(dict.fromkeys(c for row in table.values() for c in row if c != "RankMe"))
+    fig = Figure(figsize=(max(5.0, 1.2 * len(columns) * len(table) + 2), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(columns))
+    colours = colormaps["tab10"]
+    for j, column in enumerate(columns):
+        xs = [i + j * width for i, row in enumerate(table.values()) if column in row]
+        ax.bar(xs, [row[column] for row in table.values() if column in row], width, label=column, color=colours(j % 10))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], list(table), fontsize="small")
+    ax.set_ylabel("test top-1")
+    ax.set_ylim(0, 1)
+    ax.set_title("evaluation suite")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="x-small", ncols=2)
+    return _save(fig, out)

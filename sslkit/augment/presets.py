@@ -59,6 +59,16 @@ class CropConfig(AugmentConfig):
     gray_prob: Probability = 0.0
 
 
+class FinetuneAugmentConfig(AugmentConfig):
+    """Supervised fine-tuning (``sslkit eval finetune``): one view, a milder random resized crop
+    and a flip, no colour changes (the class may depend on colour; the backbone has seen them)."""
+
+    preset: str = "finetune"
+    scale: FractionRange = (0.5, 1.0)
+    jitter_prob: Probability = 0.0
+    gray_prob: Probability = 0.0
+
+
 @PRESETS.register("simclr")
 def simclr(cfg: AugmentConfig) -> MultiView:
     """SimCLR: two views from the same distribution."""
@@ -112,6 +122,12 @@ def single(cfg: AugmentConfig) -> MultiView:
 def crop(cfg: CropConfig) -> MultiView:
     """One view, a random resized crop only by default (I-JEPA: no flip, no colour changes);
     the recipe's keys may add more."""
+    return MultiView([ViewPipeline(cfg)])
+
+
+@PRESETS.register("finetune", config=FinetuneAugmentConfig)
+def finetune(cfg: FinetuneAugmentConfig) -> MultiView:
+    """One view for supervised fine-tuning: crop of scale 0.5-1 and a flip by default."""
     return MultiView([ViewPipeline(cfg)])
 
 

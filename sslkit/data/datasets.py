@@ -63,6 +63,11 @@ class ImageData:
         """The first ``n`` samples (views, no copy)."""
         return ImageData(self.images[:n], self.labels[:n], self.num_classes)
 
+    def subset(self, index: np.ndarray) -> ImageData:
+        """The samples at ``index`` (M,) int, in that order."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.images.device)
+        return ImageData(self.images[index], self.labels[index.to(self.labels.device)], self.num_classes)
+
     def to(self, device: Union[str, torch.device]) -> ImageData:
         """Move once to ``device`` and pass the result to several ``make_batches`` to share one copy."""
         return ImageData(self.images.to(device), self.labels.to(device), self.num_classes)

@@ -188,6 +188,14 @@ class TableImages(ImageFolder):
             raise ValueError(f"the {self.column!r} cell holds {type(cell).__name__}, not image bytes or a file path")
         return np.frombuffer(bytearray(cell), dtype=np.uint8)  # writable: torch takes it without a copy
 
+    def subset(self, index: np.ndarray) -> TableImages:
+        """The samples at ``index`` (M,) int, in that order."""
+        return TableImages(
+            self.rows.select(np.asarray(index).tolist()), self.column, self.paths[index],
+            self.labels[torch.as_tensor(index, dtype=torch.long)], self.classes, self.image_size, self.channels,
+            self.bad_images, self.decode,
+        )
+
     def head(self, n: int) -> TableImages:
         return TableImages(
             self.rows.select(range(min(n, len(self)))), self.column, self.paths[:n], self.labels[:n], self.classes,

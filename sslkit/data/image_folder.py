@@ -417,6 +417,13 @@ class ImageFolder(torch.utils.data.Dataset):
             warnings.warn(skip_message(*bad), BadImageWarning, stacklevel=2)
         return image, label
 
+    def subset(self, index: np.ndarray) -> ImageFolder:
+        """The samples at ``index`` (M,) int, in that order."""
+        return ImageFolder(
+            self.paths[index], self.labels[torch.as_tensor(index, dtype=torch.long)], self.classes, self.image_size,
+            self.channels, self.bad_images, self.decode, self.info,
+        )
+
     def head(self, n: int) -> ImageFolder:
         """The first ``n`` samples (in class order, so a small ``n`` covers few classes)."""
         return ImageFolder(

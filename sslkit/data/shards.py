@@ -358,6 +358,14 @@ class ShardImages(ImageFolder):
             raise ValueError(f"the shard ends inside this sample ({len(data)} of {size} bytes)")
         return np.frombuffer(bytearray(data), dtype=np.uint8)  # writable: torch takes it without a copy
 
+    def subset(self, index: np.ndarray) -> ShardImages:
+        """The samples at ``index`` (M,) int, in that order."""
+        return ShardImages(
+            self.paths[index], self.labels[torch.as_tensor(index, dtype=torch.long)], self.classes, self.image_size,
+            self.shards, self.shard_of[index], self.offsets[index], self.sizes[index], self.channels, self.bad_images,
+            self.decode, self.image_exts, self.skipped,
+        )
+
     def head(self, n: int) -> ShardImages:
         return ShardImages(
             self.paths[:n], self.labels[:n], self.classes, self.image_size, self.shards, self.shard_of[:n],

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from sslkit.augment import eval_transform
 from sslkit.config import Config, DataConfig, apply_override, config_from_dict
 from sslkit.data import Batches, load_dataset, make_batches
-from sslkit.engine.checkpoint import load_feature_model
 from sslkit.errors import UserError
 from sslkit.eval.features import extract_features
 
@@ -53,7 +52,9 @@ def evaluation_setup(
     Returns:
         (config, feature network on the accelerator's device, accelerator).
     """
-    from sslkit.engine.trainer import create_accelerator  # the trainer imports this module
+    # the engine imports this module
+    from sslkit.engine.checkpoint import load_feature_model
+    from sslkit.engine.trainer import create_accelerator
 
     cfg, model = load_feature_model(checkpoint)
     tree = cfg.to_dict()

@@ -208,3 +208,4 @@ def fewshot_protocol(
     return fewshot_eval(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, shots=shots, seeds=seeds)
 from sslkit.eval import layers  # noqa: E402,F401  (registers "layers")
 from sslkit.eval import moments  # noqa: E402,F401  (registers "moments")
+from sslkit.eval import finetune  # noqa: E402,F401  (registers "finetune")
