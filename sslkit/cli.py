@@ -35,7 +35,7 @@ from sslkit.errors import UserError
 from sslkit.eval.clean import clean_batches, clean_transform, evaluation_setup
 from sslkit.eval.knn import DEFAULT_CHUNK
 from sslkit.eval.protocols import PROTOCOLS, run_protocol
-from sslkit.eval.suite import DEFAULT_PROTOCOLS, run_suite
+from sslkit.eval.suite import default_protocols, run_suite
 from sslkit.export import FORMATS, export_run
 
 
@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
     su.add_argument("--data", nargs="+", required=True, metavar="NAME[:ROOT]",
                     help="datasets, e.g. fashion_mnist cifar10 image_folder:/data/pets (those not found are skipped)")
-    su.add_argument("--protocols", nargs="+", default=list(DEFAULT_PROTOCOLS), choices=PROTOCOLS.names(),
-                    help="run with their defaults (default: %(default)s)")
+    su.add_argument("--protocols", nargs="+", default=default_protocols(), choices=PROTOCOLS.names(),
+                    help="run with their defaults (default: those on frozen features, %(default)s)")
     su.add_argument("--bank-limit", type=int, default=None, help="use only the first N training images")
     su.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     su.add_argument("--output", default=None, help="folder (default: suite/ beside the checkpoint)")

@@ -25,7 +25,10 @@ from sslkit.eval.clean import clean_features, clean_splits, evaluation_setup
 from sslkit.eval.monitors import rankme
 from sslkit.eval.protocols import PROTOCOLS, run_protocol
 
-DEFAULT_PROTOCOLS = ("knn", "linear", "fewshot")
+
+def default_protocols() -> list[str]:
+    """Every registered protocol that reads frozen features only (k-NN, linear, few-shot): the cheap ones."""
+    return [name for name in PROTOCOLS.names() if PROTOCOLS.get(name).shared_features]
 
 
 def parse_data(spec: str) -> tuple[str, Optional[str]]:
@@ -37,7 +40,7 @@ def parse_data(spec: str) -> tuple[str, Optional[str]]:
 def run_suite(
     checkpoint: str | Path,
     datasets: Sequence[str],
-    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
+    protocols: Optional[Sequence[str]] = None,
     output: Optional[str | Path] = None,
     settings: Optional[dict[str, Any]] = None,
     overrides: Sequence[str] = (),
@@ -47,7 +50,7 @@ def run_suite(
     Args:
         checkpoint: a checkpoint directory or a ``backbone.safetensors``.
         datasets: ``NAME`` or ``NAME:ROOT`` each.
-        protocols: names in :data:`~sslkit.eval.protocols.PROTOCOLS`.
+        protocols: names in :data:`~sslkit.eval.protocols.PROTOCOLS` (None: :func:`default_protocols`).
         output: the report's folder (default: ``suite/`` beside the checkpoint).
         settings, overrides: as for :func:`~sslkit.eval.clean.evaluation_setup` (limits, ``key=value``).
 
@@ -55,6 +58,7 @@ def run_suite(
         The report: ``{"checkpoint", "protocols", "datasets": {spec: {"rankme", "results", "seconds"}},
         "skipped": {spec: reason}, "files": [...]}``.
     """
+    protocols = default_protocols() if protocols is None else protocols
     for name in protocols:
         PROTOCOLS.get(name)  # an unknown name fails before any work
     checkpoint = Path(checkpoint)
