@@ -60,11 +60,12 @@ class CropConfig(AugmentConfig):
 
 
 class FinetuneAugmentConfig(AugmentConfig):
-    """Supervised fine-tuning (``sslkit eval finetune``): one view, a milder random resized crop
-    and a flip, no colour changes (the class may depend on colour; the backbone has seen them)."""
+    """Supervised fine-tuning (``sslkit eval finetune``): one view, a flip and a random resized crop
+    (``eval finetune --min-scale``; whole images by default), no colour changes (the class may
+    depend on colour; the backbone has seen them)."""
 
     preset: str = "finetune"
-    scale: FractionRange = (0.5, 1.0)
+    scale: FractionRange = (1.0, 1.0)
     jitter_prob: Probability = 0.0
     gray_prob: Probability = 0.0
 
@@ -127,7 +128,7 @@ def crop(cfg: CropConfig) -> MultiView:
 
 @PRESETS.register("finetune", config=FinetuneAugmentConfig)
 def finetune(cfg: FinetuneAugmentConfig) -> MultiView:
-    """One view for supervised fine-tuning: crop of scale 0.5-1 and a flip by default."""
+    """One view for supervised fine-tuning: a flip (and crops when ``scale`` allows) by default."""
     return MultiView([ViewPipeline(cfg)])
 
 
