@@ -33,6 +33,18 @@ def tiny_recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run trained for one epoch (once per test module): its directory, with
+    checkpoints/last and backbone.safetensors, for the evaluation commands."""
+    folder = tmp_path_factory.mktemp("run")
+    recipe = folder / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "epochs": 1}}))
+    done = run_sslkit_here("train", str(recipe), f"train.output_dir={folder}", "train.name=t", "eval.knn=false")
+    assert done.returncode == 0, done.stderr
+    return folder / "t"
+
+
 @pytest.fixture
 def no_default_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide the machine's data folders and $SSLKIT_DATA so a test sees only its own files."""

@@ -12,7 +12,7 @@ from sslkit.eval.knn import knn_accuracy, knn_scores
 from sslkit.eval.knn_linear import interpolate, knn_linear_eval, knn_probabilities
 from sslkit.eval.linear import heads_accuracy, fit_linear_heads, standardize, train_linear_probes
 from sslkit.eval.monitors import effective_rank, rankme
-from tests.conftest import TINY_RECIPE, run_sslkit_here
+from tests.conftest import run_sslkit_here
 
 
 def _blobs(n: int, d: int = 16, c: int = 5, noise: float = 2.0, seed: int = 0):
@@ -102,18 +102,6 @@ def test_rankme_is_the_entropy_rank_of_the_singular_values():
     shifted = z + 100.0
     assert rankme(shifted) < 1.5 < float(effective_rank(shifted))
     assert float(effective_rank(shifted)) == pytest.approx(float(effective_rank(z)), rel=0.05)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    import yaml
-
-    folder = tmp_path_factory.mktemp("run")
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "epochs": 1}}))
-    done = run_sslkit_here("train", str(recipe), f"train.output_dir={folder}", "train.name=t", "eval.knn=false")
-    assert done.returncode == 0, done.stderr
-    return folder / "t"
 
 
 def test_eval_linear_with_knn_and_label_fractions_through_the_cli(tiny_run, tmp_path):

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.io as tio
-import yaml
 
 from tests.conftest import TINY_RECIPE, run_sslkit_here
 
@@ -20,16 +19,6 @@ def _write_folder(root: Path) -> None:
             for i in range(n):
                 image = (base + 30 * torch.randn(3, 20, 20, generator=gen)).clamp(0, 255).to(torch.uint8)
                 tio.write_png(image, str(root / split / label / f"{i}.png"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "epochs": 1}}))
-    done = run_sslkit_here("train", str(recipe), f"train.output_dir={folder}", "train.name=t", "eval.knn=false")
-    assert done.returncode == 0, done.stderr
-    return folder / "t"
 
 
 def test_suite_reports_every_dataset_and_protocol_and_lists_the_skipped(tiny_run, tmp_path, no_default_places):

@@ -7,22 +7,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import yaml
 
 from sslkit.eval.clean import clean_splits, evaluation_setup
 from sslkit.eval.finetune import FinetuneConfig, finetune, param_groups, probe_head
 from sslkit.eval.linear import standardize, train_linear_probes
-from tests.conftest import TINY_RECIPE, run_sslkit_here
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "epochs": 1}}))
-    done = run_sslkit_here("train", str(recipe), f"train.output_dir={folder}", "train.name=t", "eval.knn=false")
-    assert done.returncode == 0, done.stderr
-    return folder / "t"
+from tests.conftest import run_sslkit_here
 
 
 def test_probe_head_takes_raw_features_and_equals_the_standardised_probe():

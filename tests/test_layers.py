@@ -5,7 +5,6 @@ import json
 import pytest
 import timm
 import torch
-import yaml
 
 from sslkit.eval.layers import LayerTaps, tapped_modules
 from sslkit.eval.moments import MomentTaps, moment_features, positions, random_projection
@@ -72,16 +71,6 @@ def test_moment_taps_keep_the_networks_output_and_drop_vit_prefix_tokens():
         tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]  # (B, 16, 32): class + 2 registers dropped
         assert torch.allclose(out, vit(x), atol=1e-5)
         assert torch.allclose(diag[:, :32], tokens.mean(1), atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "epochs": 1}}))
-    done = run_sslkit_here("train", str(recipe), f"train.output_dir={folder}", "train.name=t", "eval.knn=false")
-    assert done.returncode == 0, done.stderr
-    return folder / "t"
 
 
 def test_eval_layers_probes_every_stage_and_the_projection(tiny_run, tmp_path):
