@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="protocol", required=True)
 
-    def protocol(name: str, help: str, func=_eval) -> argparse.ArgumentParser:
+    def protocol(name: str, help: str) -> argparse.ArgumentParser:
         p = ev.add_parser(name, help=help)
         p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/last or a backbone.safetensors")
         p.add_argument("--data", default=None,
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
         p.add_argument("--output", default=None, help=f"JSON file (default: {name}_<data>.json beside the checkpoint)")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.batch_size=256 data.image_size=64")
-        p.set_defaults(func=func)
+        p.set_defaults(func=_eval)
         return p
 
     for name in PROTOCOLS.names():
