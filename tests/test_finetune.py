@@ -64,13 +64,14 @@ def test_eval_finetune_on_label_fractions_through_the_cli(tiny_run, tmp_path):
     out = tmp_path / "ft.json"
     done = run_sslkit_here("eval", "finetune", "--checkpoint", str(tiny_run / "backbone.safetensors"),
                            "--label-fraction", "0.2", "1", "--seeds", "0", "1", "--min-steps", "3", "--epochs", "1",
-                           "--output", str(out))
+                           "--freeze-bn-stats", "false", "--output", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert list(result["fractions"]) == ["0.2", "1.0"]
     runs = result["fractions"]["0.2"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1] and all(r["images"] == 100 for r in runs)  # 20% of 512, balanced
-    assert result["settings"]["min_steps"] == 3 and "20% of labels" in done.stdout
+    assert result["settings"]["min_steps"] == 3 and result["settings"]["freeze_bn_stats"] is False
+    assert "20% of labels" in done.stdout
     bad = run_sslkit_here("eval", "finetune", "--checkpoint", str(tiny_run / "backbone.safetensors"), "--lr", "-1",
                           "--output", str(out))
     assert bad.returncode == 2 and bad.stderr.strip() == "sslkit: error: finetune.lr=-1.0: expected greater than 0"

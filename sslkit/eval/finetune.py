@@ -220,11 +220,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-tune on class-balanced fractions of the labels, e.g. 0.01 0.1 1 (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="one draw and run per seed (default: 0 1 2 for fractions below 1, else 0)")
-    defaults = FinetuneConfig()
-    for key, field in FinetuneConfig.model_fields.items():
-        p.add_argument(f"--{key.replace('_', '-')}", dest=f"ft_{key}", default=None,
-                       type=type(getattr(defaults, key)) if not isinstance(getattr(defaults, key), str) else str,
-                       help=f"default {getattr(defaults, key)}")
+    for key, default in FinetuneConfig().model_dump().items():
+        # numbers parse here; words (adamw, probe, true/false) are validated by FinetuneConfig
+        kind = str if isinstance(default, (bool, str)) else type(default)
+        shown = str(default).lower() if isinstance(default, bool) else default
+        p.add_argument(f"--{key.replace('_', '-')}", dest=f"ft_{key}", default=None, type=kind,
+                       metavar=key.upper(), help=f"default {shown}")
 
 
 def _summary(r: dict) -> str:
