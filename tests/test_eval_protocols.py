@@ -118,7 +118,8 @@ def test_eval_linear_with_knn_and_label_fractions_through_the_cli(tiny_run, tmp_
     knn = tmp_path / "knn.json"
     assert run_sslkit_here("eval", "knn", "--checkpoint", str(tiny_run / "backbone.safetensors"),
                            "--output", str(knn)).returncode == 0
-    assert result["knn_linear"]["knn_top1"] == pytest.approx(json.loads(knn.read_text())["knn_top1"])
+    for key in ("knn_top1", "knn_top5"):
+        assert result["knn_linear"][key] == pytest.approx(json.loads(knn.read_text())[key])
     bad = run_sslkit_here("eval", "linear", "--checkpoint", str(tiny_run / "backbone.safetensors"),
                           "--label-fraction", "2", "--output", str(out))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "label fraction 2 is out of range" in bad.stderr

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from sslkit.eval.fewshot import balanced_indices
-from sslkit.eval.knn import knn_scores
+from sslkit.eval.knn import knn_accuracy, knn_scores
 from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, fit_linear_heads, standardize
 
 LAMBDAS = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
@@ -104,7 +104,8 @@ def knn_linear_eval(
     weight, bias = fit_linear_heads(train_std, train_labels, num_classes, (lrs[best],), epochs, seed=seed)
     p_lin = linear_probabilities(weight[0], bias[0], test_std)  # (Q, C)
     p_knn = knn_probabilities(test_feats, train_feats, train_labels, num_classes, k, temperature)  # (Q, C)
-    (knn1, knn5), (lin1, lin5) = topk_accuracy(p_knn, test_labels), topk_accuracy(p_lin, test_labels)
-    top1, top5 = topk_accuracy(interpolate(p_knn, p_lin, lam), test_labels)
-    return {"lambda": lam, "lr": lrs[best], "val_top1": max(val_top1), "knn_top1": knn1, "knn_top5": knn5,
+    knn = knn_accuracy(p_knn, test_labels)  # as `eval knn` counts: a class without votes is never predicted
+    (lin1, lin5), (top1, top5) = topk_accuracy(p_lin, test_labels), topk_accuracy(interpolate(p_knn, p_lin, lam),
+                                                                                  test_labels)
+    return {"lambda": lam, "lr": lrs[best], "val_top1": max(val_top1), **knn,
             "linear_top1": lin1, "linear_top5": lin5, "top1": top1, "top5": top5}

@@ -130,5 +130,6 @@ def report_markdown(report: dict) -> str:
         for spec, entry in report["datasets"].items():
             lines.append(f"| {spec} | " + " | ".join(f"{entry['seconds'].get(s, 0):.1f}" for s in steps) + " |")
     if report["skipped"]:
-        lines += ["", "Skipped:", ""] + [f"- `{spec}`: {reason}" for spec, reason in report["skipped"].items()]
+        lines += ["", "Skipped:", ""] + [f"- `{spec}`: {' '.join(reason.split())}"  # one line per dataset
+                                         for spec, reason in report["skipped"].items()]
     return "\n".join(lines) + "\n"
