@@ -50,7 +50,8 @@ def linear_probabilities(weight: Tensor, bias: Tensor, feats: Tensor) -> Tensor:
 def topk_accuracy(probs: Tensor, labels: Tensor) -> tuple[float, float]:
     """Top-1 and top-5 (top-C with fewer classes) of (Q, C) probabilities (or logits)."""
     hit = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels.view(-1, 1).to(probs.device)  # (Q, k)
-    return float(hit[:, 0].float().mean()), float(hit.any(1).float().mean())
+    n = max(labels.shape[0], 1)
+    return int(hit[:, 0].sum()) / n, int(hit.any(1).sum()) / n
 
 
 def knn_linear_eval(
