@@ -85,8 +85,8 @@ def _draw_per_class(labels: Tensor, count: Callable[[int], int], seed: int, num_
     for c in classes:
         members = (labels == c).nonzero().flatten()  # (n_c,)
         wanted = count(members.numel())
-        if members.numel() < wanted or members.numel() == 0:
-            raise UserError(f"class {c} has {members.numel()} samples, fewer than the {max(wanted, 1)} asked for")
+        if members.numel() < wanted:
+            raise UserError(f"class {c} has {members.numel()} samples, fewer than the {wanted} asked for")
         picked.append(members[torch.randperm(members.numel(), generator=generator)[:wanted]])
     return torch.cat(picked).sort().values
 

@@ -49,8 +49,7 @@ from sslkit.data import make_batches
 from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
 from sslkit.eval.features import extract_features
 from sslkit.eval.fewshot import balanced_indices, check_fraction, mean_and_spread
-from sslkit.eval.knn_linear import topk_accuracy
-from sslkit.eval.linear import DEFAULT_LRS, fit_linear_heads, heads_accuracy, standardize
+from sslkit.eval.linear import DEFAULT_LRS, feature_stats, fit_linear_heads, heads_accuracy, topk_accuracy
 from sslkit.eval.protocols import register_protocol
 from sslkit.schedules import cosine
 
@@ -72,16 +71,11 @@ class FinetuneConfig(Section):
     freeze_bn_stats: bool = True  # BatchNorm keeps its statistics (module docstring); its affine weights train
 
 
-def fraction_subset(labels: Tensor, fraction: float, seed: int, num_classes: int) -> Tensor:
-    """Indices of the labelled images of one draw: all of them at fraction 1, else balanced."""
-    return torch.arange(labels.shape[0]) if fraction == 1 else balanced_indices(labels, fraction, seed, num_classes)
-
-
 def probe_head(feats: Tensor, labels: Tensor, num_classes: int, seed: int) -> nn.Linear:
     """A linear head on frozen features (N, D) that takes the raw features: fitted on standardised
     ones, lr chosen on a balanced fifth held out, refitted on all, the standardisation folded in."""
-    mean, std = feats.float().mean(0), feats.float().std(0).clamp_min(1e-6)  # (D,), (D,): as standardize's
-    (x,) = standardize(feats, feats)  # (N, D)
+    mean, std = feature_stats(feats)  # (D,), (D,)
+    x = (feats.float() - mean) / std  # (N, D), as standardize gives
     val = balanced_indices(labels, 0.2, seed, num_classes)  # (V,)
     keep = torch.ones(labels.shape[0], dtype=torch.bool)
     keep[val] = False
@@ -255,13 +249,13 @@ def finetune_protocol(
     for fraction in label_fractions:
         check_fraction(fraction)
     train, test = clean_splits(cfg)
-    labels = train.labels.cpu() if isinstance(train.labels, Tensor) else torch.as_tensor(train.labels)
+    labels = train.labels.cpu()  # (N,)
     fractions = {}
     for fraction in label_fractions:
         runs = []
         for seed in seeds if seeds is not None else ([0] if fraction == 1 else [0, 1, 2]):
-            idx = fraction_subset(labels, fraction, seed, train.num_classes)  # (M,)
-            data = train if fraction == 1 else train.subset(idx.numpy())
+            idx = balanced_indices(labels, fraction, seed, train.num_classes)  # (M,): all of them at 1
+            data = train if fraction == 1 else train.subset(idx.numpy())  # (no copy of the whole split)
             r = finetune(cfg, model, accelerator, data, labels[idx], test, train.num_classes, ft, seed,
                          desc=f"finetune {100 * fraction:g}% seed {seed}")
             runs.append({"seed": seed, **r})

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from sslkit.eval.fewshot import balanced_indices
 from sslkit.eval.knn import knn_accuracy, knn_scores
-from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, fit_linear_heads, standardize
+from sslkit.eval.linear import (DEFAULT_EPOCHS, DEFAULT_LRS, fit_linear_heads, heads_accuracy, standardize,
+                                topk_accuracy)
 
 LAMBDAS = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
 
@@ -45,13 +46,6 @@ def knn_probabilities(query: Tensor, bank: Tensor, bank_labels: Tensor, num_clas
 def linear_probabilities(weight: Tensor, bias: Tensor, feats: Tensor) -> Tensor:
     """(Q, C) softmax of one head, weight (D, C) and bias (C,), on (Q, D) features."""
     return torch.softmax(torch.addmm(bias, feats.float(), weight), dim=1)
-
-
-def topk_accuracy(probs: Tensor, labels: Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 (top-C with fewer classes) of (Q, C) probabilities (or logits)."""
-    hit = probs.topk(min(5, probs.shape[1]), dim=1).indices == labels.view(-1, 1).to(probs.device)  # (Q, k)
-    n = max(labels.shape[0], 1)
-    return int(hit[:, 0].sum()) / n, int(hit.any(1).sum()) / n
 
 
 def knn_linear_eval(
@@ -93,8 +87,7 @@ def knn_linear_eval(
 
     # 1-2: choose lr, then lambda, on the validation split.
     weight, bias = fit_linear_heads(train_std[fit], train_labels[fit], num_classes, lrs, epochs, seed=seed)
-    lin_val = [topk_accuracy(linear_probabilities(w, b, xv), yv)[0] for w, b in zip(weight, bias)]
-    best = max(range(len(lrs)), key=lambda i: lin_val[i])
+    best = int(heads_accuracy(weight, bias, xv, yv)[0].argmax())  # the first of equals, as the full probe
     p_lin = linear_probabilities(weight[best], bias[best], xv)  # (V, C)
     p_knn = knn_probabilities(train_feats[val], train_feats[fit], train_labels[fit], num_classes, k,
                               temperature)  # (V, C)
@@ -106,7 +99,7 @@ def knn_linear_eval(
     p_lin = linear_probabilities(weight[0], bias[0], test_std)  # (Q, C)
     p_knn = knn_probabilities(test_feats, train_feats, train_labels, num_classes, k, temperature)  # (Q, C)
     knn = knn_accuracy(p_knn, test_labels)  # as `eval knn` counts: a class without votes is never predicted
-    (lin1, lin5), (top1, top5) = topk_accuracy(p_lin, test_labels), topk_accuracy(interpolate(p_knn, p_lin, lam),
-                                                                                  test_labels)
+    (lin1, lin5) = (float(a[0]) for a in heads_accuracy(weight, bias, test_std, test_labels))
+    top1, top5 = topk_accuracy(interpolate(p_knn, p_lin, lam), test_labels)
     return {"lambda": lam, "lr": lrs[best], "val_top1": max(val_top1), **knn,
             "linear_top1": lin1, "linear_top5": lin5, "top1": top1, "top5": top5}

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 from sslkit.config import Config
 from sslkit.engine.checkpoint import load_feature_projection
 from sslkit.errors import UserError
-from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
-from sslkit.eval.features import extract_features
+from sslkit.eval.clean import clean_features
 from sslkit.eval.knn import knn_accuracy, knn_scores
 from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
 from sslkit.eval.protocols import register_protocol
@@ -57,7 +56,7 @@ def tapped_modules(model: nn.Module, every: int = 1) -> list[str]:
 class LayerTaps(nn.Module):
     """Wraps a feature network: ``forward`` returns every tapped layer's pooled features, the
     network's output and (with a head) the projected output, concatenated (B, sum of dims), so
-    one :func:`~sslkit.eval.features.extract_features` pass embeds, gathers and orders them all.
+    one :func:`~sslkit.eval.clean.clean_features` pass embeds, gathers and orders them all.
     ``names`` and ``dims`` (set by the first forward) say which columns are which layer."""
 
     def __init__(self, model: nn.Module, modules: Sequence[str], projection: Optional[nn.Module] = None) -> None:
@@ -65,7 +64,7 @@ class LayerTaps(nn.Module):
         self.model = model
         self.projection = projection
         self.prefix = getattr(model, "num_prefix_tokens", 0)  # class and register tokens of a ViT
-        self.modules_ = list(modules)
+        self.tapped = [(name, model.get_submodule(name)) for name in modules]  # a plain list: not submodules again
         self.names = [*modules, "output", *(["projection"] if projection is not None else [])]
         self.dims: list[int] = []
 
@@ -79,16 +78,15 @@ class LayerTaps(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, sum of dims)
         taps: dict[str, Tensor] = {}
-        lookup = dict(self.model.named_modules())
         # hooks only for this call: the caller's network is left as it was
-        handles = [lookup[name].register_forward_hook(lambda m, a, out, name=name: taps.__setitem__(name, out))
-                   for name in self.modules_]
+        handles = [module.register_forward_hook(lambda m, a, out, name=name: taps.__setitem__(name, out))
+                   for name, module in self.tapped]
         try:
             out = self.model(x)  # (B, D)
         finally:
             for handle in handles:
                 handle.remove()
-        pooled = [self.pool(taps[name]) for name in self.modules_] + [out.flatten(1)]
+        pooled = [self.pool(taps[name]) for name, _ in self.tapped] + [out.flatten(1)]
         if self.projection is not None:
             pooled.append(self.projection(out).flatten(1))
         self.dims = [p.shape[1] for p in pooled]
@@ -132,14 +130,12 @@ def layers_protocol(
     if projection is not None:
         projection = projection.to(accelerator.device)
     taps = LayerTaps(model, tapped_modules(model, every), projection)
-    train, test = clean_splits(cfg)
-    transform = clean_transform(cfg)
-    train_f, train_l = extract_features(taps, clean_batches(cfg, accelerator, train), transform, accelerator)
-    test_f, test_l = extract_features(taps, clean_batches(cfg, accelerator, test), transform, accelerator)
+    f = clean_features(cfg, taps, accelerator)  # every layer's columns side by side, one pass
+    train_l, test_l, classes = f.train_labels, f.test_labels, f.num_classes
     layers = []
-    for name, a, b in zip(taps.names, train_f.split(taps.dims, 1), test_f.split(taps.dims, 1)):  # (N, d), (Q, d)
-        probe = train_linear_probes(a, train_l, b, test_l, train.num_classes, lrs=lrs, epochs=epochs)
-        scores = knn_scores(b, a, train_l, train.num_classes, k, cfg.eval.knn_temperature)  # (Q, C)
+    for name, a, b in zip(taps.names, f.train.split(taps.dims, 1), f.test.split(taps.dims, 1)):  # (N, d), (Q, d)
+        probe = train_linear_probes(a, train_l, b, test_l, classes, lrs=lrs, epochs=epochs)
+        scores = knn_scores(b, a, train_l, classes, k, cfg.eval.knn_temperature)  # (Q, C)
         layers.append({"layer": name, "dim": a.shape[1], "linear_top1": probe["top1"], "linear_top5": probe["top5"],
                        "best_lr": probe["best_lr"], "knn_top1": knn_accuracy(scores, test_l)["knn_top1"]})
     return {"layers": layers, "projection": projection is not None, "k": k}

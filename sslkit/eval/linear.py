@@ -79,15 +79,27 @@ def train_linear_probes(
 
 
 def standardize(reference: Tensor, *feats: Tensor) -> tuple[Tensor, ...]:
-    """``feats`` shifted and scaled by the per-dimension mean and std of ``reference`` (N, D).
+    """``feats`` shifted and scaled by the per-dimension mean and std of ``reference`` (N, D)
+    (:func:`feature_stats`)."""
+    mean, std = feature_stats(reference)  # (D,), (D,)
+    return tuple((f.float() - mean.to(f.device)) / std.to(f.device) for f in feats)
+
+
+def feature_stats(reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std (D,) of (N, D) features, in float32.
 
     The std is floored so that dimensions constant over ``reference`` (dead ReLU units) give
-    0, not 0 / 0 = NaN; the head then never learns a weight for them.
+    0, not 0 / 0 = NaN, once standardised; a head then never learns a weight for them.
     """
     reference = reference.float()
-    mean = reference.mean(0)  # (D,)
-    std = reference.std(0).clamp_min(1e-6)  # (D,)
-    return tuple((f.float() - mean.to(f.device)) / std.to(f.device) for f in feats)
+    return reference.mean(0), reference.std(0).clamp_min(1e-6)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 (top-C with fewer classes) of (Q, C) logits or probabilities, as fractions."""
+    hit = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels.view(-1, 1).to(scores.device)  # (Q, k)
+    n = max(labels.shape[0], 1)
+    return int(hit[:, 0].sum()) / n, int(hit.any(1).sum()) / n
 
 
 def fit_linear_heads(

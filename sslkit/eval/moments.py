@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from sslkit.config import Config
 from sslkit.errors import UserError
-from sslkit.eval.clean import clean_batches, clean_splits, clean_transform
-from sslkit.eval.features import extract_features
+from sslkit.eval.clean import clean_features
 from sslkit.eval.linear import DEFAULT_EPOCHS, DEFAULT_LRS, train_linear_probes
 from sslkit.eval.protocols import register_protocol
 
@@ -91,6 +90,7 @@ class MomentTaps(nn.Module):
         self.model = model
         self.kinds = list(kinds)
         self.rank = rank
+        self.projection: Tensor | None = None  # (C, r), drawn once C is known (first batch)
         self.prefix = getattr(model, "num_prefix_tokens", 0)
         self.dims: list[int] = []
 
@@ -98,8 +98,9 @@ class MomentTaps(nn.Module):
         fmap = self.model.forward_features(x)  # (B, C, h, w) or (B, T, C)
         out = self.model.forward_head(fmap, pre_logits=True).flatten(1)  # (B, D): what `eval linear` probes
         pos = positions(fmap, self.prefix)  # (B, P, C)
-        projection = random_projection(pos.shape[2], self.rank).to(pos.device) if "lowrank" in self.kinds else None
-        parts = [out.float()] + [moment_features(pos, kind, projection) for kind in self.kinds]
+        if "lowrank" in self.kinds and self.projection is None:
+            self.projection = random_projection(pos.shape[2], self.rank).to(pos.device)
+        parts = [out.float()] + [moment_features(pos, kind, self.projection) for kind in self.kinds]
         self.dims = [p.shape[1] for p in parts]
         return torch.cat(parts, dim=1)
 
@@ -131,12 +132,10 @@ def moments_protocol(
     if rank < 1:
         raise UserError(f"--rank must be at least 1, got {rank}")
     taps = MomentTaps(model, kinds, rank)
-    train, test = clean_splits(cfg)
-    transform = clean_transform(cfg)
-    train_f, train_l = extract_features(taps, clean_batches(cfg, accelerator, train), transform, accelerator)
-    test_f, test_l = extract_features(taps, clean_batches(cfg, accelerator, test), transform, accelerator)
+    f = clean_features(cfg, taps, accelerator)  # every layer's columns side by side, one pass
+    train_l, test_l, classes = f.train_labels, f.test_labels, f.num_classes
     probes = {}
-    for name, a, b in zip(["linear", *taps.kinds], train_f.split(taps.dims, 1), test_f.split(taps.dims, 1)):
-        r = train_linear_probes(a, train_l, b, test_l, train.num_classes, lrs=lrs, epochs=epochs)
+    for name, a, b in zip(["linear", *taps.kinds], f.train.split(taps.dims, 1), f.test.split(taps.dims, 1)):
+        r = train_linear_probes(a, train_l, b, test_l, classes, lrs=lrs, epochs=epochs)
         probes[name] = {"dim": a.shape[1], "top1": r["top1"], "top5": r["top5"], "best_lr": r["best_lr"]}
     return {"rank": rank, "probes": probes}

@@ -8,7 +8,7 @@ decorated function: the command line and the suite find it in :data:`PROTOCOLS`.
 ``features`` are the clean features of both splits (:class:`~sslkit.eval.clean.CleanFeatures`)
 for protocols that read only frozen features (``shared_features=True``): the suite embeds each
 dataset once for all of them. Protocols that run the network themselves (fine-tuning, per-layer
-probes) get None.
+and moment probes) are not given features.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from sslkit.errors import UserError
-from sslkit.eval.clean import clean_features, clean_splits, evaluation_setup
+from sslkit.eval.clean import clean_features, evaluation_setup
 from sslkit.eval.monitors import rankme
 from sslkit.eval.protocols import PROTOCOLS, run_protocol
 
@@ -68,16 +68,15 @@ def run_suite(
     main = True
     for spec in datasets:
         name, root = parse_data(spec)
-        try:
+        start = time.perf_counter()
+        try:  # not found, not decodable, no labels: skipped, with the reason
             cfg, model, accelerator = evaluation_setup(checkpoint, name, root, settings, overrides)
-            clean_splits(cfg)  # found, decodable, labelled: or skipped now, with the reason
+            features = clean_features(cfg, model, accelerator)
         except UserError as err:
             report["skipped"][spec] = str(err)
             print(f"suite: {spec} skipped: {err}")
             continue
         main = accelerator.is_main_process
-        start = time.perf_counter()
-        features = clean_features(cfg, model, accelerator)
         entry: dict[str, Any] = {"rankme": rankme(features.test), "results": {},
                                  "seconds": {"embed": time.perf_counter() - start}}
         if main:
