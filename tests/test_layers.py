@@ -31,6 +31,21 @@ def test_cnn_layers_equal_the_stages_run_by_hand():
     assert not any(m._forward_hooks for m in model.modules())  # the caller's network is left as it was
 
 
+def test_resnet_stages_equal_timms_intermediates():
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet18", num_classes=0).eval()
+    names = tapped_modules(resnet)
+    assert names == ["act1", "layer1", "layer2", "layer3", "layer4"]  # the stem and the four stages
+    taps = LayerTaps(resnet, names)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cols = taps(x).split(taps.dims, 1)
+        maps = resnet.forward_intermediates(x, intermediates_only=True)  # (B, C, h, w) per stage
+    assert taps.dims == [64, 64, 128, 256, 512, 512]
+    for col, fmap in zip(cols, maps):
+        assert torch.allclose(col, fmap.mean(dim=(2, 3)), atol=1e-5)
+
+
 def test_vit_layers_equal_timms_intermediates_and_every_thins_them():
     torch.manual_seed(0)
     vit = _vit()
